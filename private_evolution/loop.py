@@ -1,0 +1,457 @@
+"""The Private Evolution loop: rounds of noisy nearest-neighbour votes, selection and variation.
+
+Round t (0-based) votes on population P_t: the ledger is charged, the noisy histogram is drawn
+and written to disk, and only then does selection read it. Rounds before the last keep the n_t
+best (optionally) and add ``variation_folds`` variations of each; the last round selects the
+``num_samples`` outputs. Every round leaves a checkpoint of JSON/JSONL and .npy/.npz files (no
+pickle); ``resume=True`` continues after the last complete round, re-reading released histograms,
+so an interrupted run never draws noise twice for a round and its ledger ends with exactly T
+releases.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import numpy as np
+
+from private_evolution import accounting
+from private_evolution._io import (
+    atomic_save_npy,
+    atomic_save_npz,
+    atomic_write_json,
+    atomic_write_jsonl,
+    load_npz,
+    read_jsonl,
+)
+from private_evolution.accounting import PrivacyLedger
+from private_evolution.histogram import Backend, Metric, NoiseSource, NoisyHistogram, dp_histogram
+from private_evolution.population import Population, Selection, derive_seed, next_generation, select
+from private_evolution.protocols import Embedder, Generator
+
+S = TypeVar("S")
+
+__all__ = ["PEConfig", "PEResult", "PrivateEvolution", "RoundResult", "RunStateError"]
+
+
+class RunStateError(RuntimeError):
+    """The run directory does not fit the requested run (exists without resume, or differs)."""
+
+
+@dataclass(frozen=True)
+class PEConfig:
+    """Settings of one PE run. Sequences give per-round schedules.
+
+    ``population_size``: samples kept after each round before the last (an int or T−1 values);
+    the last round selects ``num_samples``. ``strength``: variation strength used after each round
+    (an int/float or T−1 values). ``initial_population``: size of the random-API population voted
+    on in round 0 (default n_0 · (1 + folds), the steady-state size).
+    """
+
+    iterations: int
+    num_samples: int
+    epsilon: float
+    delta: float | None = None
+    population_size: int | tuple[int, ...] | None = None
+    variation_folds: int = 6
+    initial_population: int | None = None
+    strength: float | tuple[float, ...] = 1.0
+    selection: Selection = "rank"
+    keep_selected: bool = True
+    k: int = 1
+    metric: Metric = "l2"
+    threshold: float = 0.0
+    lookahead: int = 0
+    seed: int = 0
+    noise_multiplier: float | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("population_size", "strength"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        self.validate()
+
+    # -- schedules -------------------------------------------------------------------------
+    def kept(self, round_index: int) -> int:
+        """Samples selected after ``round_index`` (``num_samples`` after the last round)."""
+        if round_index == self.iterations - 1:
+            return self.num_samples
+        ps = self.population_size if self.population_size is not None else self.num_samples
+        return int(ps[round_index]) if isinstance(ps, tuple) else int(ps)
+
+    def strength_at(self, round_index: int) -> float:
+        s = self.strength
+        return float(s[min(round_index, len(s) - 1)]) if isinstance(s, tuple) else float(s)
+
+    def population_at(self, round_index: int) -> int:
+        """Number of candidates voted on in ``round_index``."""
+        if round_index == 0:
+            if self.initial_population is not None:
+                return self.initial_population
+            return self.kept(0) * (self.variation_folds + int(self.keep_selected)) or self.kept(0)
+        return self.kept(round_index - 1) * (self.variation_folds + int(self.keep_selected))
+
+    def validate(self) -> None:
+        def bad(msg: str) -> ValueError:
+            return ValueError(f"invalid PE settings: {msg}")
+
+        if isinstance(self.iterations, bool) or not isinstance(self.iterations, int) or self.iterations < 1:
+            raise bad(f"iterations must be an integer >= 1, got {self.iterations!r}")
+        if self.num_samples < 1:
+            raise bad(f"num_samples must be >= 1, got {self.num_samples}")
+        if self.variation_folds < 0 or (
+            self.iterations > 1 and self.variation_folds + self.keep_selected < 1
+        ):
+            raise bad("variation_folds must be >= 1 when keep_selected is off")
+        for name, n_needed in (("population_size", self.iterations - 1), ("strength", self.iterations - 1)):
+            value = getattr(self, name)
+            if isinstance(value, tuple) and len(value) < n_needed:
+                raise bad(f"{name} schedule has {len(value)} values but {n_needed} rounds need one")
+        for t in range(self.iterations - 1):
+            if self.kept(t) < 1:
+                raise bad(f"population_size must be >= 1 (round {t})")
+            if not self.strength_at(t) >= 0:
+                raise bad(f"strength must be >= 0 (round {t})")
+        if self.initial_population is not None and self.initial_population < 1:
+            raise bad("initial_population must be >= 1")
+        if self.selection not in ("rank", "sample"):
+            raise bad(f"selection must be 'rank' or 'sample', got {self.selection!r}")
+        if self.selection == "rank":
+            for t in range(self.iterations):
+                if self.kept(t) > self.population_at(t):
+                    raise bad(
+                        f"round {t} ranks {self.population_at(t)} candidates but must keep {self.kept(t)}; "
+                        "raise the population or use selection='sample'"
+                    )
+        if self.k < 1 or self.k > min(self.population_at(t) for t in range(self.iterations)):
+            raise bad(f"k={self.k} must be between 1 and the smallest population")
+        if self.metric not in ("l2", "cosine"):
+            raise bad(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
+        if self.lookahead < 0:
+            raise bad("lookahead must be >= 0")
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise bad(f"epsilon must be > 0 (inf for no privacy), got {self.epsilon}")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise bad(f"delta must be in (0, 1), got {self.delta}")
+        if self.noise_multiplier is not None and not (self.noise_multiplier >= 0):
+            raise bad("noise_multiplier must be >= 0")
+
+    def resolve_delta(self, num_units: int) -> float:
+        delta = self.delta if self.delta is not None else accounting.default_delta(num_units)
+        accounting.check_delta_for_units(delta, num_units)
+        return delta
+
+    def resolve_noise_multiplier(self, delta: float) -> float:
+        if self.noise_multiplier is not None:
+            return float(self.noise_multiplier)
+        return accounting.noise_multiplier(epsilon=self.epsilon, delta=delta, rounds=self.iterations)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["epsilon"] = "inf" if math.isinf(self.epsilon) else self.epsilon
+        for key in ("population_size", "strength"):
+            if isinstance(d[key], tuple):
+                d[key] = list(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PEConfig:
+        d = dict(d)
+        d["epsilon"] = math.inf if d["epsilon"] == "inf" else float(d["epsilon"])
+        return cls(**d)
+
+
+@dataclass
+class RoundResult(Generic[S]):
+    """What a callback sees after a round."""
+
+    round_index: int
+    population: Population[S]
+    histogram: NoisyHistogram
+    selected: np.ndarray
+    epsilon_spent: float
+    resumed: bool = False
+
+
+@dataclass
+class PEResult(Generic[S]):
+    """The DP output: ``num_samples`` selected samples and the ledger that accounts for them."""
+
+    samples: list[S]
+    ids: list[str]
+    votes: np.ndarray
+    ledger: PrivacyLedger
+    noise_multiplier: float
+    delta: float
+    num_units: int
+    rounds_resumed: list[int] = field(default_factory=list)
+
+    @property
+    def epsilon(self) -> float:
+        return self.ledger.spent_epsilon()
+
+
+def _fingerprint(private: np.ndarray, units: np.ndarray | None) -> str:
+    h = hashlib.sha256()
+    arr = np.ascontiguousarray(private)
+    h.update(str((arr.shape, arr.dtype.str)).encode())
+    h.update(arr.tobytes())
+    if units is not None:
+        h.update(np.ascontiguousarray(np.asarray(units).astype(str)).tobytes())
+    return h.hexdigest()
+
+
+class PrivateEvolution(Generic[S]):
+    """Runs PE over a state directory. Only :func:`dp_histogram` ever sees the private embeddings.
+
+    Files under ``state_dir``: ``config.json``, ``ledger.json``, ``round_XXX/`` with
+    ``population.jsonl`` (candidates), ``embeddings.npy``, ``histogram.npz`` (the DP release),
+    ``selected.json`` and ``complete.json``; ``result.jsonl`` once done.
+    """
+
+    def __init__(
+        self,
+        generator: Generator[S],
+        embedder: Embedder[S],
+        config: PEConfig,
+        state_dir: str | Path,
+        *,
+        backend: Backend = "auto",
+        device: str | None = None,
+        chunk_size: int | None = None,
+        save_embeddings: bool = True,
+        noise: NoiseSource | None = None,
+    ) -> None:
+        self.generator = generator
+        self.embedder = embedder
+        self.config = config
+        self.state_dir = Path(state_dir)
+        self.backend: Backend = backend
+        self.device = device
+        self.chunk_size = chunk_size
+        self.save_embeddings = save_embeddings
+        self._noise = noise
+
+    # -- paths -----------------------------------------------------------------------------
+    def round_dir(self, t: int) -> Path:
+        return self.state_dir / f"round_{t:03d}"
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "ledger.json"
+
+    def completed_rounds(self) -> list[int]:
+        return [t for t in range(self.config.iterations) if (self.round_dir(t) / "complete.json").exists()]
+
+    # -- set-up ----------------------------------------------------------------------------
+    def _prepare(
+        self, private: np.ndarray, units: np.ndarray | None, resume: bool
+    ) -> tuple[PrivacyLedger, float]:
+        cfg = self.config
+        num_units = int(private.shape[0]) if units is None else len(np.unique(np.asarray(units)))
+        if num_units < 1:
+            raise ValueError("there is no private data to vote with")
+        delta = cfg.resolve_delta(num_units)
+        sigma = cfg.resolve_noise_multiplier(delta)
+        meta = {
+            "config": cfg.to_dict(),
+            "delta": delta,
+            "noise_multiplier": sigma,
+            "num_units": num_units,
+            "num_private_rows": int(private.shape[0]),
+            "private_fingerprint": _fingerprint(private, units),
+        }
+        config_path = self.state_dir / "config.json"
+        if config_path.exists():
+            if not resume:
+                raise RunStateError(
+                    f"{self.state_dir} already holds a PE run; "
+                    "pass resume=True to continue it or use a new directory"
+                )
+            saved = json.loads(config_path.read_text())
+            diffs = [k for k in meta if saved.get(k) != meta[k]]
+            if diffs:
+                raise RunStateError(
+                    f"cannot resume {self.state_dir}: it was started with different {', '.join(diffs)}; "
+                    "use the original settings and data, or a new directory"
+                )
+            ledger = PrivacyLedger.load(self.ledger_path)
+        else:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            ledger = PrivacyLedger(epsilon=cfg.epsilon, delta=delta, path=self.ledger_path)
+            ledger.save()
+            atomic_write_json(config_path, meta)
+        # The run refuses to start (or continue) when its remaining plan exceeds the budget.
+        remaining = [t for t in range(cfg.iterations) if f"round_{t:03d}" not in ledger]
+        ledger.check_plan([sigma] * len(remaining))
+        return ledger, sigma
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(
+        self,
+        private_embeddings: np.ndarray,
+        *,
+        units: np.ndarray | Sequence[Any] | None = None,
+        callbacks: Sequence[Callable[[RoundResult[S]], None]] = (),
+        resume: bool = False,
+    ) -> PEResult[S]:
+        """Run (or with ``resume=True`` continue) PE against the private embeddings.
+
+        ``units`` gives a privacy-unit id per private row for unit-level DP (default: one row, one unit).
+        """
+        cfg = self.config
+        private = private_embeddings
+        units_arr = None if units is None else np.asarray(units)
+        if units_arr is not None and units_arr.shape != (private.shape[0],):
+            raise ValueError(
+                f"units must have one id per private row ({private.shape[0]}), got {units_arr.shape}"
+            )
+        ledger, sigma = self._prepare(private, units_arr, resume)
+        resumed: list[int] = []
+
+        population = self._initial_population()
+        selected_idx = np.empty(0, dtype=np.int64)
+        noisy: NoisyHistogram | None = None
+        for t in range(cfg.iterations):
+            rdir = self.round_dir(t)
+            noisy, was_released = self._release(t, population, private, units_arr, ledger, sigma)
+            if was_released:
+                resumed.append(t)
+            selected_path = rdir / "selected.json"
+            if selected_path.exists():
+                selected_idx = np.asarray(json.loads(selected_path.read_text()), dtype=np.int64)
+            else:
+                rng = np.random.default_rng(derive_seed(cfg.seed, t, "select"))
+                selected_idx = select(noisy.values, cfg.kept(t), method=cfg.selection, rng=rng)
+                atomic_write_json(selected_path, selected_idx.tolist())
+            if t < cfg.iterations - 1:
+                next_path = self.round_dir(t + 1) / "population.jsonl"
+                if next_path.exists():
+                    next_population: Population[S] = Population.from_rows(read_jsonl(next_path))
+                else:
+                    next_population = next_generation(
+                        population.take(selected_idx),
+                        self.generator,
+                        variation_folds=cfg.variation_folds,
+                        strength=cfg.strength_at(t),
+                        keep_selected=cfg.keep_selected,
+                        round_index=t,
+                        seed=cfg.seed,
+                    )
+                    atomic_write_jsonl(next_path, next_population.to_rows())
+            complete = rdir / "complete.json"
+            if not complete.exists():
+                atomic_write_json(complete, {"round": t, "epsilon_spent": _finite(ledger.spent_epsilon())})
+                result = RoundResult(
+                    t, population, noisy, selected_idx, ledger.spent_epsilon(), resumed=was_released
+                )
+                for callback in callbacks:
+                    callback(result)
+            if t < cfg.iterations - 1:
+                population = next_population
+
+        assert noisy is not None
+        final = population.take(selected_idx)
+        result_rows = [
+            {"id": i, "votes": float(noisy.values[j]), "sample": s}
+            for i, j, s in zip(final.ids, selected_idx, final.samples, strict=True)
+        ]
+        atomic_write_jsonl(self.state_dir / "result.jsonl", result_rows)
+        if len(ledger) != cfg.iterations:
+            raise RuntimeError(f"ledger holds {len(ledger)} releases for {cfg.iterations} rounds")
+        delta = ledger.delta
+        return PEResult(
+            samples=final.samples,
+            ids=final.ids,
+            votes=noisy.values[selected_idx],
+            ledger=ledger,
+            noise_multiplier=sigma,
+            delta=delta,
+            num_units=int(private.shape[0]) if units_arr is None else len(np.unique(units_arr)),
+            rounds_resumed=resumed,
+        )
+
+    def _initial_population(self) -> Population[S]:
+        path = self.round_dir(0) / "population.jsonl"
+        if path.exists():
+            return Population.from_rows(read_jsonl(path))
+        n = self.config.population_at(0)
+        samples = self.generator.random(n, seed=derive_seed(self.config.seed, 0, "random"))
+        if len(samples) != n:
+            raise RuntimeError(f"generator.random returned {len(samples)} samples, expected {n}")
+        population: Population[S] = Population(samples, [f"r0-{j}" for j in range(n)])
+        atomic_write_jsonl(path, population.to_rows())
+        return population
+
+    def _candidate_embeddings(self, t: int, population: Population[S]) -> np.ndarray:
+        path = self.round_dir(t) / "embeddings.npy"
+        if path.exists():
+            return np.load(path, allow_pickle=False)
+        cfg = self.config
+        if cfg.lookahead > 0:
+            copies = [
+                self.generator.vary(
+                    population.samples, cfg.strength_at(t), seed=derive_seed(cfg.seed, t, "lookahead", j)
+                )
+                for j in range(cfg.lookahead)
+            ]
+            stacked = np.stack([np.asarray(self.embedder.embed(c)) for c in copies], axis=1)
+            emb = stacked.mean(axis=1)
+        else:
+            emb = np.asarray(self.embedder.embed(population.samples))
+        if emb.shape[0] != len(population):
+            raise RuntimeError(f"embedder returned {emb.shape[0]} rows for {len(population)} samples")
+        if self.save_embeddings:
+            atomic_save_npy(path, emb)
+        return emb
+
+    def _release(
+        self,
+        t: int,
+        population: Population[S],
+        private: np.ndarray,
+        units: np.ndarray | None,
+        ledger: PrivacyLedger,
+        sigma: float,
+    ) -> tuple[NoisyHistogram, bool]:
+        """The noisy histogram of round t: re-read if it was released before, else charge and draw."""
+        path = self.round_dir(t) / "histogram.npz"
+        name = f"round_{t:03d}"
+        if path.exists():
+            if name not in ledger:
+                raise RunStateError(
+                    f"{path} exists but the ledger has no entry {name}; the state directory is inconsistent"
+                )
+            return NoisyHistogram.from_arrays(load_npz(path)), True
+        candidates = self._candidate_embeddings(t, population)
+        if name not in ledger:
+            # Charged before any noise is drawn; a crash before the write below wastes this charge
+            # but the discarded draw was never seen, so the round is still released exactly once.
+            ledger.charge(name, noise_multiplier=sigma, meta={"round": t, "num_candidates": len(population)})
+        cfg = self.config
+        noisy = dp_histogram(
+            private,
+            candidates,
+            noise_multiplier=sigma,
+            k=cfg.k,
+            metric=cfg.metric,
+            units=units,
+            threshold=cfg.threshold,
+            backend=self.backend,
+            chunk_size=self.chunk_size,
+            device=self.device,
+            noise=self._noise,
+        )
+        atomic_save_npz(path, noisy.as_arrays())
+        return noisy, False
+
+
+def _finite(x: float) -> float | str:
+    return "inf" if math.isinf(x) else x

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -140,6 +141,336 @@ def budget(
     console.print(table)
     if warning:
         console.print(f"[bold yellow]warning:[/] {warning}")
+
+
+# --------------------------------------------------------------------------------------------
+# synthesize / caption / evolve / render
+# --------------------------------------------------------------------------------------------
+Opt = typer.Option
+OutputOpt = Annotated[
+    Path, Opt("--output", "-o", help="Run directory to create (or continue with --resume).")
+]
+PresetOpt = Annotated[str | None, Opt(help="smoke | quick | paper | openai (default quick).")]
+ConfigOpt = Annotated[Path | None, Opt("--config", help="TOML file with settings; flags win over it.")]
+ResumeOpt = Annotated[bool, Opt("--resume", help="Continue an interrupted run in --output.")]
+EpsOpt = Annotated[str | None, Opt("--epsilon", "-e", help="Privacy budget ε ('inf' for no privacy).")]
+DeltaOpt = Annotated[str | None, Opt("--delta", help="δ, or 'auto' for 1/(N·ln N).")]
+QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress bars.")]
+
+
+def _user_errors(fn):  # type: ignore[no-untyped-def]
+    """Run a command body; user errors become one line and exit code 2, Ctrl-C exit code 130."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return fn(*args, **kwargs)
+        except SptiError as exc:
+            raise _fail(str(exc), exc.exit_code) from None
+        except KeyboardInterrupt:
+            raise _fail("interrupted; run the same command with --resume to continue", 130) from None
+
+    return wrapper
+
+
+def _overrides(**flags: object) -> dict[str, object]:
+    out = {k: v for k, v in flags.items() if v is not None}
+    if "epsilon" in out:
+        out["epsilon"] = _parse_epsilon(str(out["epsilon"]))
+    if "delta" in out:
+        out["delta"] = None if out["delta"] in ("auto", "default") else float(str(out["delta"]))
+        if out["delta"] is None:
+            del out["delta"]
+    if "strength" in out:
+        out["strength"] = [float(x) for x in str(out["strength"]).split(",")]
+    return out
+
+
+def _open_run(output: Path, preset: str | None, config_file: Path | None, overrides: dict, resume: bool):  # type: ignore[no-untyped-def]
+    from spti.config import resolve_config
+    from spti.rundir import RunDirectory
+
+    run = RunDirectory(output)
+    if resume:
+        if not run.exists():
+            raise SptiError(f"--resume: {run.root} holds no run to continue; drop --resume to start one")
+        return run, run.reopen(overrides)
+    cfg = resolve_config(preset=preset, config_file=config_file, overrides=overrides)
+    return run, run.create(cfg)
+
+
+def _check_private_dir(private_dir: Path) -> Path:
+    if not private_dir.exists():
+        raise SptiError(f"private folder {private_dir} does not exist")
+    if not private_dir.is_dir():
+        raise SptiError(f"{private_dir} is not a folder; point spti at a folder of images")
+    return private_dir.resolve()
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  spti synthesize examples/private_faces --output /tmp/run --preset smoke\n\n"
+        "  spti synthesize photos/ -o runs/r1 --epsilon 4 --num-samples 500 --domain faces --privacy-unit folder\n\n"
+        "  OPENAI_API_KEY=... spti synthesize photos/ -o runs/r2 --preset openai --base-url http://localhost:8000/v1\n\n"
+        "  spti synthesize photos/ -o runs/r1 --resume"
+    )
+)
+@_user_errors
+def synthesize(
+    private_dir: Annotated[Path, typer.Argument(help="Folder of private images (searched recursively).")],
+    output: OutputOpt,
+    epsilon: EpsOpt = None,
+    delta: DeltaOpt = None,
+    num_samples: Annotated[int | None, Opt(help="Synthetic images to release.", min=1)] = None,
+    iterations: Annotated[int | None, Opt(help="PE rounds (noisy releases).", min=1)] = None,
+    preset: PresetOpt = None,
+    voting: Annotated[str | None, Opt(help="text (captions vote) | image (images vote on renders).")] = None,
+    provider: Annotated[str | None, Opt(help="local (Hugging Face) | openai (any compatible API).")] = None,
+    base_url: Annotated[
+        str | None, Opt(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
+    ] = None,
+    caption_model: Annotated[str | None, Opt(help="Vision-language model for captions.")] = None,
+    llm_model: Annotated[str | None, Opt(help="Chat model for the random / variation APIs.")] = None,
+    embedding_model: Annotated[str | None, Opt(help="Text embedding model (text voting).")] = None,
+    image_model: Annotated[str | None, Opt(help="Text-to-image model.")] = None,
+    image_embedder: Annotated[
+        str | None, Opt(help="wavelet | clip[:ID] | dinov2[:ID] | inception:PATH.")
+    ] = None,
+    upscaler: Annotated[str | None, Opt(help="none | lanczos | realesrgan | sd-x4.")] = None,
+    upscale: Annotated[int | None, Opt(help="Upscaling factor: 1, 2 or 4.")] = None,
+    upscaler_model: Annotated[
+        str | None, Opt(help="Real-ESRGAN weights file, or x4 upscaler model id.")
+    ] = None,
+    domain: Annotated[str | None, Opt(help="Prompt set: generic | faces | bedrooms | PATH.")] = None,
+    privacy_unit: Annotated[str | None, Opt(help="image | folder (one sub-folder = one person).")] = None,
+    population_size: Annotated[int | None, Opt(help="Descriptions kept per round.", min=1)] = None,
+    variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
+    render_size: Annotated[int | None, Opt(help="Render resolution before upscaling.", min=8)] = None,
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Batch size of local models.", min=1)] = None,
+    concurrency: Annotated[int | None, Opt(help="Hosted API requests in flight.", min=1)] = None,
+    config: ConfigOpt = None,
+    seed: Annotated[int | None, Opt(help="Seed of the public randomness (never of the DP noise).")] = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Private folder → DP descriptions → images: caption, evolve and render in one run directory."""
+    from spti.pipeline import Reporter
+    from spti.pipeline import synthesize as run_pipeline
+
+    private = _check_private_dir(private_dir)
+    overrides = _overrides(
+        epsilon=epsilon,
+        delta=delta,
+        num_samples=num_samples,
+        iterations=iterations,
+        voting=voting,
+        provider=provider,
+        base_url=base_url,
+        caption_model=caption_model,
+        llm_model=llm_model,
+        embedding_model=embedding_model,
+        image_model=image_model,
+        image_embedder=image_embedder,
+        upscaler=upscaler,
+        upscale=upscale,
+        upscaler_model=upscaler_model,
+        domain=domain,
+        privacy_unit=privacy_unit,
+        population_size=population_size,
+        variation_folds=variation_folds,
+        render_size=render_size,
+        device=device,
+        batch_size=batch_size,
+        concurrency=concurrency,
+        seed=seed,
+    )
+    run, cfg = _open_run(output, preset, config, overrides, resume)
+    summary = run_pipeline(cfg, private, run, Reporter(quiet=quiet))
+    eps, dlt = summary.privacy.get("epsilon"), summary.privacy.get("delta")
+    typer.echo(f"released {len(summary.images)} images to {run.release} (epsilon={eps}, delta={dlt:.3g})")
+
+
+@app.command()
+@_user_errors
+def caption(
+    private_dir: Annotated[Path, typer.Argument(help="Folder of private images.")],
+    output: OutputOpt,
+    preset: PresetOpt = None,
+    provider: Annotated[str | None, Opt(help="local | openai.")] = None,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint.")] = None,
+    caption_model: Annotated[str | None, Opt(help="Vision-language model.")] = None,
+    privacy_unit: Annotated[str | None, Opt(help="image | folder.")] = None,
+    domain: Annotated[str | None, Opt(help="Prompt set (its caption prompt is used).")] = None,
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda.")] = None,
+    batch_size: Annotated[int | None, Opt(min=1)] = None,
+    config: ConfigOpt = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage 1 only: caption each private image on its own into RUN_DIR/private/ (not DP)."""
+    from spti.backends.factory import Models
+    from spti.pipeline import Reporter, caption_stage
+
+    private = _check_private_dir(private_dir)
+    overrides = _overrides(
+        provider=provider,
+        base_url=base_url,
+        caption_model=caption_model,
+        privacy_unit=privacy_unit,
+        domain=domain,
+        device=device,
+        batch_size=batch_size,
+    )
+    run, cfg = _open_run(output, preset, config, overrides, resume)
+    models = Models(cfg, run.state)
+    try:
+        caption_stage(cfg, run, models, private, Reporter(quiet=quiet))
+    finally:
+        models.close()
+    typer.echo(f"captions written to {run.private / 'captions.jsonl'} (private: never share)")
+
+
+@app.command()
+@_user_errors
+def evolve(
+    run_dir: Annotated[
+        Path | None, typer.Argument(help="Run directory with captions (from `spti caption`).")
+    ] = None,
+    captions: Annotated[
+        Path | None, Opt(help="Bring your own private captions (JSONL: caption, unit).")
+    ] = None,
+    output: Annotated[Path | None, Opt("--output", "-o", help="New run directory (with --captions).")] = None,
+    epsilon: EpsOpt = None,
+    delta: DeltaOpt = None,
+    num_samples: Annotated[int | None, Opt(min=1)] = None,
+    iterations: Annotated[int | None, Opt(min=1)] = None,
+    preset: PresetOpt = None,
+    provider: Annotated[str | None, Opt(help="local | openai.")] = None,
+    base_url: Annotated[str | None, Opt()] = None,
+    llm_model: Annotated[str | None, Opt()] = None,
+    embedding_model: Annotated[str | None, Opt()] = None,
+    domain: Annotated[str | None, Opt()] = None,
+    population_size: Annotated[int | None, Opt(min=1)] = None,
+    variation_folds: Annotated[int | None, Opt(min=1)] = None,
+    config: ConfigOpt = None,
+    seed: Annotated[int | None, Opt()] = None,
+    resume: ResumeOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage 2 only: Private Evolution with text voting; releases RUN_DIR/release/captions.jsonl."""
+    from spti.backends.factory import Models
+    from spti.pipeline import Reporter, evolve_stage
+
+    overrides = _overrides(
+        epsilon=epsilon,
+        delta=delta,
+        num_samples=num_samples,
+        iterations=iterations,
+        provider=provider,
+        base_url=base_url,
+        llm_model=llm_model,
+        embedding_model=embedding_model,
+        domain=domain,
+        population_size=population_size,
+        variation_folds=variation_folds,
+        seed=seed,
+    )
+    if captions is not None:
+        if output is None:
+            raise SptiError("--captions needs --output RUN_DIR for the new run")
+        if not captions.exists():
+            raise SptiError(f"captions file {captions} does not exist")
+        overrides["voting"] = "text"
+        run, cfg = _open_run(output, preset, config, overrides, resume)
+        _import_captions(captions, run)
+    else:
+        if run_dir is None:
+            raise SptiError("give a RUN_DIR from `spti caption`, or --captions FILE --output RUN_DIR")
+        from spti.rundir import RunDirectory
+
+        run = RunDirectory(run_dir)
+        cfg = run.reopen(overrides)
+        if run.stage_done("evolve") and not resume:
+            raise SptiError(f"{run.root} has already released its descriptions; use a new run directory")
+    models = Models(cfg, run.state)
+    try:
+        evolve_stage(cfg, run, models, Reporter(quiet=quiet))
+    finally:
+        models.close()
+    typer.echo(f"released descriptions: {run.release / 'captions.jsonl'}")
+
+
+def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
+    """Copy user-provided private captions into private/ in the run's format (caption + unit)."""
+    from private_evolution._io import atomic_write_jsonl
+
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                raise SptiError(f"{path}:{lineno} is not valid JSON; expected one object per line") from None
+            text = row.get("caption") or row.get("text")
+            if not isinstance(text, str) or not text.strip():
+                raise SptiError(f"{path}:{lineno} has no 'caption' (or 'text') string")
+            unit = str(row.get("unit", row.get("id", lineno)))
+            rows.append(
+                {"relpath": str(row.get("id", lineno)), "unit": unit, "caption": " ".join(text.split())}
+            )
+    if not rows:
+        raise SptiError(f"{path} holds no captions")
+    run.ensure_private()
+    atomic_write_jsonl(run.private / "captions.jsonl", rows)
+    run.mark("caption", images=len(rows), failed=0, skipped=0, source=str(path))
+
+
+@app.command()
+@_user_errors
+def render(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory with released descriptions.")],
+    image_model: Annotated[str | None, Opt()] = None,
+    render_size: Annotated[int | None, Opt(min=8)] = None,
+    upscaler: Annotated[str | None, Opt(help="none | lanczos | realesrgan | sd-x4.")] = None,
+    upscale: Annotated[int | None, Opt()] = None,
+    upscaler_model: Annotated[str | None, Opt()] = None,
+    device: Annotated[str | None, Opt()] = None,
+    batch_size: Annotated[int | None, Opt(min=1)] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Stage 3 only: draw and upscale the released descriptions (post-processing: no privacy cost)."""
+    from spti.backends.factory import Models
+    from spti.pipeline import Reporter, render_stage
+    from spti.rundir import RunDirectory
+
+    run = RunDirectory(run_dir)
+    cfg = run.load_config()
+    post = _overrides(
+        image_model=image_model,
+        render_size=render_size,
+        upscaler=upscaler,
+        upscale=upscale,
+        upscaler_model=upscaler_model,
+        device=device,
+        batch_size=batch_size,
+    )
+    if post:
+        from spti.config import RunConfig
+
+        values = cfg.to_dict() | post
+        values["epsilon"] = float(values["epsilon"])
+        cfg = RunConfig(**values).validate()
+    models = Models(cfg, run.state)
+    try:
+        paths = render_stage(cfg, run, models, Reporter(quiet=quiet))
+    finally:
+        models.close()
+    typer.echo(f"rendered {len(paths)} images in {run.release / 'images'}")
 
 
 def main() -> None:

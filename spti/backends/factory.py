@@ -1,0 +1,190 @@
+"""Build the models a run needs from its configuration, lazily (only what a stage uses is loaded).
+
+Model names are Hugging Face ids or local directories (``provider = "local"``), model names of an
+OpenAI-compatible server (``provider = "openai"``), or ``"tiny"``: a tiny randomly-initialised model
+built on the fly into the run's state folder (the offline ``smoke`` preset; its outputs are noise).
+The image embedder is named by a spec: ``wavelet``, ``clip[:ID]``, ``dinov2[:ID]`` or
+``inception:PATH`` (FID Inception-v3 weights file).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from spti.errors import SptiError
+
+if TYPE_CHECKING:
+    from spti.backends.base import (
+        Captioner,
+        ImageEmbedder,
+        ImageGenerator,
+        TextEmbedder,
+        TextGenerator,
+        Upscaler,
+    )
+    from spti.config import RunConfig
+
+DEFAULT_CLIP = "openai/clip-vit-base-patch32"
+DEFAULT_DINOV2 = "facebook/dinov2-small"
+
+
+class Models:
+    """The run's models, each built on first use. ``endpoints`` records where private data went."""
+
+    def __init__(self, config: RunConfig, state_dir: str | Path) -> None:
+        self.cfg = config
+        self.state_dir = Path(state_dir)
+        self.endpoints: dict[str, str] = {}
+        self._openai_kwargs: dict[str, Any] = {}
+
+    # -- helpers ---------------------------------------------------------------------------
+    @property
+    def tiny_dir(self) -> Path:
+        return self.state_dir / "tiny_models"
+
+    def _tiny(self, kind: str) -> Path:
+        from spti.testing import tiny_text, tiny_vision
+
+        builders = {
+            "vlm": tiny_text.build_tiny_vlm,
+            "lm": tiny_text.build_tiny_chat_lm,
+            "sentence": tiny_text.build_tiny_sentence_transformer,
+            "sd": tiny_vision.build_tiny_sd_pipeline,
+        }
+        path = self.tiny_dir / kind
+        if not (path / ".complete").exists():
+            builders[kind](path)
+            (path / ".complete").write_text("ok")
+        return path
+
+    def _local_kwargs(self) -> dict[str, Any]:
+        return {"device": self.cfg.device, "dtype": self.cfg.dtype, "batch_size": self.cfg.batch_size}
+
+    def _openai(self) -> dict[str, Any]:
+        if not self._openai_kwargs:
+            self._openai_kwargs = {
+                "base_url": self.cfg.base_url,
+                "cache_path": self.state_dir / "requests.sqlite",
+                "max_concurrency": self.cfg.concurrency,
+                "requests_per_minute": self.cfg.requests_per_minute,
+                "tokens_per_minute": self.cfg.tokens_per_minute,
+            }
+        return self._openai_kwargs
+
+    def openai_host(self) -> str:
+        from spti.backends.openai_api import describe_endpoint
+
+        return describe_endpoint(self.cfg.base_url)
+
+    # -- the six models --------------------------------------------------------------------
+    @cached_property
+    def captioner(self) -> Captioner:
+        cfg = self.cfg
+        if cfg.provider == "openai":
+            from spti.backends.openai_api import OpenAICaptioner
+
+            self.endpoints["caption"] = self.openai_host()
+            return OpenAICaptioner(cfg.caption_model, **self._openai())
+        from spti.backends.local.text import HFCaptioner
+
+        self.endpoints["caption"] = "local"
+        model = self._tiny("vlm") if cfg.caption_model == "tiny" else cfg.caption_model
+        return HFCaptioner(str(model), **self._local_kwargs())
+
+    @cached_property
+    def llm(self) -> TextGenerator:
+        cfg = self.cfg
+        if cfg.provider == "openai":
+            from spti.backends.openai_api import OpenAITextGenerator
+
+            return OpenAITextGenerator(cfg.llm_model, **self._openai())
+        from spti.backends.local.text import HFTextGenerator
+
+        model = self._tiny("lm") if cfg.llm_model == "tiny" else cfg.llm_model
+        return HFTextGenerator(str(model), **self._local_kwargs())
+
+    @cached_property
+    def text_embedder(self) -> TextEmbedder:
+        cfg = self.cfg
+        if cfg.provider == "openai":
+            from spti.backends.openai_api import OpenAITextEmbedder
+
+            self.endpoints["text_embedding"] = self.openai_host()
+            return OpenAITextEmbedder(cfg.embedding_model, **self._openai())
+        from spti.backends.local.text import SentenceTransformerEmbedder
+
+        self.endpoints["text_embedding"] = "local"
+        model = self._tiny("sentence") if cfg.embedding_model == "tiny" else cfg.embedding_model
+        return SentenceTransformerEmbedder(str(model), device=cfg.device, batch_size=max(cfg.batch_size, 32))
+
+    @cached_property
+    def image_generator(self) -> ImageGenerator:
+        cfg = self.cfg
+        if cfg.provider == "openai" and cfg.image_model != "tiny":
+            from spti.backends.openai_api import OpenAIImageGenerator
+
+            return OpenAIImageGenerator(cfg.image_model, **self._openai())
+        from spti.backends.local.images import DiffusersImageGenerator
+
+        model = self._tiny("sd") if cfg.image_model == "tiny" else cfg.image_model
+        return DiffusersImageGenerator(str(model), **self._local_kwargs())
+
+    @cached_property
+    def image_embedder(self) -> ImageEmbedder:
+        """Image features are always computed locally: private images never leave the machine here."""
+        from spti.backends.local import features
+
+        spec = self.cfg.image_embedder
+        name, _, arg = spec.partition(":")
+        self.endpoints["image_features"] = "local"
+        if name == "wavelet":
+            return features.WaveletEmbedder()
+        kwargs = {"device": self.cfg.device, "batch_size": max(self.cfg.batch_size, 16)}
+        if name == "clip":
+            return features.CLIPImageEmbedder(arg or DEFAULT_CLIP, **kwargs)
+        if name == "dinov2":
+            return features.DINOv2Embedder(arg or DEFAULT_DINOV2, **kwargs)
+        if name == "inception":
+            if not arg:
+                raise SptiError(
+                    "image embedder 'inception' needs its weights: --image-embedder inception:/path/to/"
+                    "pt_inception-2015-12-05.pth (the FID Inception-v3 weights)"
+                )
+            return features.InceptionV3Embedder(arg, **kwargs)
+        raise SptiError(
+            f"unknown image embedder {spec!r}: use wavelet, clip[:ID], dinov2[:ID] or inception:PATH"
+        )
+
+    @cached_property
+    def upscaler(self) -> Upscaler | None:
+        cfg = self.cfg
+        if cfg.upscaler == "none" or cfg.upscale == 1:
+            return None
+        from spti.backends.local import upscale
+
+        if cfg.upscaler == "lanczos":
+            return upscale.LanczosUpscaler(scale=cfg.upscale)
+        if cfg.upscaler == "realesrgan":
+            return upscale.RealESRGANUpscaler(str(cfg.upscaler_model), scale=cfg.upscale, device=cfg.device)
+        return upscale.DiffusersX4Upscaler(
+            cfg.upscaler_model or "stabilityai/stable-diffusion-x4-upscaler",
+            device=cfg.device,
+            dtype=cfg.dtype,
+        )
+
+    def usage(self) -> dict[str, Any]:
+        """Requests, tokens and estimated cost of the hosted models used so far."""
+        out: dict[str, Any] = {}
+        for name in ("captioner", "llm", "text_embedder", "image_generator"):
+            model = self.__dict__.get(name)
+            if model is not None and hasattr(model, "usage"):
+                out[name] = model.usage()
+        return out
+
+    def close(self) -> None:
+        for model in list(self.__dict__.values()):
+            close = getattr(model, "close", None)
+            if callable(close):
+                close()

@@ -1,0 +1,292 @@
+"""Run configuration: presets, a TOML file, command-line flags (in rising precedence), validation.
+
+The resolved configuration is saved in the run directory (``config.toml``) so that a run can be
+inspected, reproduced and resumed with exactly the settings it started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from spti.errors import SptiError
+
+Preset = Literal["smoke", "quick", "paper", "openai"]
+PRESETS: tuple[str, ...] = ("smoke", "quick", "paper", "openai")
+
+
+@dataclass
+class RunConfig:
+    """Every setting of a run. Field names are the TOML keys and (with dashes) the CLI flags."""
+
+    preset: str = "quick"
+    # privacy
+    epsilon: float = 1.0
+    delta: float | None = None  # None: 1/(N·ln N) over the privacy units that vote
+    privacy_unit: str = "image"
+    # output
+    num_samples: int = 100
+    seed: int = 0
+    # PE
+    iterations: int = 5
+    voting: str = "text"
+    population_size: int = 200
+    variation_folds: int = 4
+    initial_population: int | None = None
+    strength: list[float] = field(default_factory=lambda: [0.5])
+    selection: str = "rank"
+    k: int = 1
+    threshold: float = 0.0
+    lookahead: int = 0
+    # text APIs
+    domain: str = "generic"
+    caption_max_tokens: int = 77
+    word_count_std: float = 3.0
+    min_words: int = 25
+    max_words: int = 60
+    rephrase_fraction: float = 0.0
+    temperature: float = 1.0
+    top_p: float = 0.95
+    # models
+    provider: str = "local"
+    base_url: str | None = None
+    caption_model: str = "HuggingFaceTB/SmolVLM-256M-Instruct"
+    llm_model: str = "HuggingFaceTB/SmolLM2-360M-Instruct"
+    embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
+    image_model: str = "stabilityai/sd-turbo"
+    image_embedder: str = "wavelet"
+    # rendering
+    render_size: int = 512
+    voting_size: int = 256
+    steps: int | None = None
+    guidance: float | None = None
+    upscaler: str = "lanczos"
+    upscale: int = 4
+    upscaler_model: str | None = None
+    # execution
+    device: str = "auto"
+    dtype: str = "auto"
+    batch_size: int = 8
+    concurrency: int = 32
+    requests_per_minute: float | None = None
+    tokens_per_minute: float | None = None
+
+    # -- io --------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: ("inf" if isinstance(v, float) and math.isinf(v) else v) for k, v in d.items()}
+
+    def to_toml(self) -> str:
+        lines = ["# spti run configuration (resolved: preset < config file < flags)"]
+        for key, value in self.to_dict().items():
+            if value is None:
+                lines.append(f"# {key} = (default)")
+            else:
+                lines.append(f"{key} = {_toml_value(value)}")
+        return "\n".join(lines) + "\n"
+
+    def validate(self) -> RunConfig:
+        def bad(msg: str) -> SptiError:
+            return SptiError(f"invalid setting: {msg}")
+
+        if self.preset not in PRESETS:
+            raise bad(f"preset {self.preset!r}: use one of {', '.join(PRESETS)}")
+        if math.isnan(self.epsilon) or self.epsilon <= 0:
+            raise bad(f"epsilon={self.epsilon}: must be > 0 (inf for no privacy)")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise bad(f"delta={self.delta}: must be in (0, 1), or 'auto'")
+        choices = {
+            "privacy_unit": ("image", "folder"),
+            "voting": ("text", "image"),
+            "selection": ("rank", "sample"),
+            "provider": ("local", "openai"),
+            "upscaler": ("none", "lanczos", "realesrgan", "sd-x4"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise bad(
+                    f"{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}"
+                )
+        positive = (
+            "num_samples",
+            "iterations",
+            "population_size",
+            "k",
+            "render_size",
+            "voting_size",
+            "batch_size",
+            "concurrency",
+            "caption_max_tokens",
+            "max_words",
+        )
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise bad(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.variation_folds < 1:
+            raise bad("variation-folds must be >= 1")
+        if self.upscale not in (1, 2, 4):
+            raise bad(f"upscale {self.upscale}: use 1, 2 or 4")
+        if not self.strength or any(not 0 < s <= 1 for s in self.strength):
+            raise bad(f"strength {self.strength}: each value is a mask probability in (0, 1]")
+        if self.voting == "image" and self.provider == "openai" and self.image_embedder in ("", "none"):
+            raise bad("image voting needs an image embedder")
+        if self.upscaler == "realesrgan" and not self.upscaler_model:
+            raise bad(
+                "upscaler realesrgan needs --upscaler-model PATH to RealESRGAN_x4plus weights "
+                "(.pth or .safetensors)"
+            )
+        return self
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+# Preset defaults: smaller for quick, the published settings for paper, hosted models for openai.
+PRESET_VALUES: dict[str, dict[str, Any]] = {
+    "smoke": dict(
+        num_samples=8,
+        iterations=2,
+        population_size=8,
+        variation_folds=2,
+        strength=[0.5],
+        min_words=4,
+        max_words=24,
+        caption_max_tokens=12,
+        render_size=32,
+        voting_size=32,
+        steps=1,
+        upscaler="lanczos",
+        upscale=2,
+        batch_size=16,
+        caption_model="tiny",
+        llm_model="tiny",
+        embedding_model="tiny",
+        image_model="tiny",
+        image_embedder="wavelet",
+        word_count_std=1.0,
+    ),
+    "quick": dict(
+        num_samples=100,
+        iterations=5,
+        population_size=200,
+        variation_folds=4,
+        strength=[0.5],
+        caption_model="HuggingFaceTB/SmolVLM-256M-Instruct",
+        llm_model="HuggingFaceTB/SmolLM2-360M-Instruct",
+        embedding_model="sentence-transformers/all-MiniLM-L6-v2",
+        image_model="stabilityai/sd-turbo",
+        image_embedder="wavelet",
+        render_size=512,
+        voting_size=256,
+        upscaler="lanczos",
+        upscale=4,
+    ),
+    "paper": dict(
+        num_samples=1000,
+        iterations=10,
+        population_size=2000,
+        variation_folds=6,
+        strength=[0.5],
+        caption_model="Qwen/Qwen2.5-VL-7B-Instruct",
+        llm_model="meta-llama/Meta-Llama-3-8B-Instruct",
+        embedding_model="sentence-transformers/sentence-t5-base",
+        image_model="stabilityai/sdxl-turbo",
+        image_embedder="wavelet",
+        voting="image",
+        render_size=512,
+        voting_size=256,
+        steps=4,
+        guidance=0.0,
+        upscaler="lanczos",
+        upscale=4,
+        batch_size=32,
+    ),
+    "openai": dict(
+        provider="openai",
+        num_samples=100,
+        iterations=5,
+        population_size=200,
+        variation_folds=4,
+        caption_model="gpt-4o-mini",
+        llm_model="gpt-4o-mini",
+        embedding_model="text-embedding-3-small",
+        image_model="gpt-image-1",
+        image_embedder="wavelet",
+        voting="text",
+        render_size=1024,
+        voting_size=256,
+        upscaler="none",
+        upscale=1,
+        concurrency=32,
+    ),
+}
+
+FIELD_NAMES = frozenset(f.name for f in fields(RunConfig))
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise SptiError(f"config file {path} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SptiError(f"config file {path} is not valid TOML: {exc}") from None
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        if isinstance(value, dict):  # allow [sections] for readability; keys are global
+            flat.update(value)
+        else:
+            flat[key] = value
+    unknown = sorted(k for k in (k.replace("-", "_") for k in flat) if k not in FIELD_NAMES)
+    if unknown:
+        raise SptiError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
+    return {k.replace("-", "_"): v for k, v in flat.items()}
+
+
+def resolve_config(
+    *,
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    overrides: dict[str, Any] | None = None,
+) -> RunConfig:
+    """preset defaults < config file < explicit flags (``None`` in overrides means 'not given')."""
+    file_values = load_toml(config_file) if config_file else {}
+    flag_values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    chosen = flag_values.get("preset") or preset or file_values.get("preset") or "quick"
+    if chosen not in PRESETS:
+        raise SptiError(f"unknown preset {chosen!r}: use one of {', '.join(PRESETS)}")
+    values: dict[str, Any] = {"preset": chosen}
+    values.update(PRESET_VALUES[chosen])
+    values.update(file_values)
+    values.update(flag_values)
+    values["preset"] = chosen
+    if values.get("delta") in ("auto", "default"):
+        values["delta"] = None
+    if isinstance(values.get("epsilon"), str):
+        values["epsilon"] = float(values["epsilon"])
+    if isinstance(values.get("strength"), int | float):
+        values["strength"] = [float(values["strength"])]
+    try:
+        cfg = RunConfig(**values)
+    except TypeError as exc:
+        raise SptiError(f"invalid configuration: {exc}") from None
+    return cfg.validate()
+
+
+def config_from_saved(path: str | Path) -> RunConfig:
+    values = load_toml(path)
+    if values.get("epsilon") == "inf":
+        values["epsilon"] = math.inf
+    return RunConfig(**values).validate()

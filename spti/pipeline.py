@@ -1,0 +1,492 @@
+"""caption → evolve → render over one run directory; every stage resumable.
+
+- caption (text voting only): each private image is captioned on its own; captions are appended to
+  ``private/captions.jsonl`` batch by batch, so a kill loses at most the batch in flight (and with a
+  hosted provider, the request cache makes even that free).
+- evolve: private captions (text voting) or private images (image voting) vote in PE rounds; only
+  noisy histograms are released; the selected descriptions go to ``release/captions.jsonl``.
+- render: each released description is drawn and upscaled; ``release/images/NNNNN.png``. This is
+  post-processing of the DP release and costs no privacy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from private_evolution._io import atomic_save_npy, atomic_write_bytes, atomic_write_jsonl, read_jsonl
+from spti.config import RunConfig
+from spti.errors import SptiError
+from spti.rundir import RunDirectory
+
+
+# --------------------------------------------------------------------------------------------
+# Progress and messages
+# --------------------------------------------------------------------------------------------
+class Reporter:
+    """Where the pipeline says what it does: rich progress bars on a terminal, plain lines otherwise."""
+
+    def __init__(self, *, quiet: bool = False) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True, quiet=quiet)
+
+    def info(self, message: str) -> None:
+        self.console.print(message, highlight=False)
+
+    def warn(self, message: str) -> None:
+        self.console.print(f"[yellow]warning:[/] {message}", highlight=False)
+
+    @contextmanager
+    def progress(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+            transient=False,
+            disable=self.console.quiet,
+        ) as bar:
+            task = bar.add_task(description, total=total)
+            yield lambda n=1: bar.advance(task, n)
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    images: list[Path] = field(default_factory=list)
+    privacy: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: caption
+# --------------------------------------------------------------------------------------------
+def _scan(cfg: RunConfig, private_dir: Path, run: RunDirectory, reporter: Reporter) -> Any:
+    from spti.data import check_output_location, scan_private_folder
+
+    check_output_location(private_dir, run.root)
+    skipped_lines: list[str] = []
+
+    def on_skip(item: Any) -> None:
+        skipped_lines.append(f"skipped {item.relpath}: {item.reason}")
+        reporter.warn(f"skipped {item.relpath}: {item.reason}")
+
+    folder = scan_private_folder(private_dir, privacy_unit=cfg.privacy_unit, on_skip=on_skip)  # type: ignore[arg-type]
+    run.ensure_private()
+    manifest = {
+        "root": str(folder.root),
+        "privacy_unit": folder.privacy_unit,
+        "images": [{"relpath": im.relpath, "unit": im.unit} for im in folder.images],
+        "skipped": [{"relpath": s.relpath, "reason": s.reason} for s in folder.skipped],
+        "summary": folder.summary(),
+    }
+    from private_evolution._io import atomic_write_json
+
+    atomic_write_json(run.private / "manifest.json", manifest)
+    reporter.info(
+        f"private folder: {len(folder.images)} images in {folder.num_units} privacy units "
+        f"({cfg.privacy_unit}-level), {len(folder.skipped)} files skipped"
+    )
+    return folder
+
+
+def _load_manifest(run: RunDirectory) -> dict[str, Any]:
+    path = run.private / "manifest.json"
+    if not path.exists():
+        raise SptiError(
+            f"{run.root} has no scan of a private folder yet; run `spti caption` or `spti synthesize` first"
+        )
+    return json.loads(path.read_text())
+
+
+def caption_stage(
+    cfg: RunConfig, run: RunDirectory, models: Any, private_dir: Path, reporter: Reporter
+) -> None:
+    from spti.data import load_image
+
+    folder = _scan(cfg, private_dir, run, reporter)
+    out_path = run.private / "captions.jsonl"
+    done: dict[str, dict[str, Any]] = {}
+    if out_path.exists():
+        for row in _read_jsonl_tolerant(out_path):
+            done[row["relpath"]] = row
+    todo = [im for im in folder.images if im.relpath not in done]
+    if not todo:
+        reporter.info("caption: all private images already captioned")
+    else:
+        if cfg.provider == "openai":
+            reporter.warn(
+                f"private images will be sent to {models.openai_host()} for captioning (model {cfg.caption_model}); "
+                "DP does not hide them from the provider"
+            )
+        prompt = _prompts(cfg).caption_prompt
+        batch = max(1, cfg.batch_size if cfg.provider == "local" else cfg.concurrency)
+        with (
+            out_path.open("a", encoding="utf-8") as fh,
+            reporter.progress("caption", len(folder.images)) as advance,
+        ):
+            advance(len(folder.images) - len(todo))
+            for start in range(0, len(todo), batch):
+                items = todo[start : start + batch]
+                images, kept = [], []
+                for im in items:
+                    try:
+                        images.append(load_image(im.path))
+                        kept.append(im)
+                    except SptiError as exc:
+                        reporter.warn(str(exc))
+                        done[im.relpath] = {
+                            "relpath": im.relpath,
+                            "unit": im.unit,
+                            "caption": None,
+                            "error": str(exc),
+                        }
+                        fh.write(json.dumps(done[im.relpath]) + "\n")
+                captions = (
+                    models.captioner.caption(
+                        images,
+                        prompt=prompt,
+                        max_new_tokens=cfg.caption_max_tokens,
+                        keys=[f"caption/{im.relpath}" for im in kept],
+                    )
+                    if images
+                    else []
+                )
+                for im, cap in zip(kept, captions, strict=True):
+                    row = {"relpath": im.relpath, "unit": im.unit, "caption": _clean_caption(cap)}
+                    done[im.relpath] = row
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+                fh.flush()
+                advance(len(items))
+    failed = sum(1 for r in done.values() if not r.get("caption"))
+    if failed:
+        reporter.warn(f"{failed} private images could not be captioned; they do not vote")
+    run.mark("caption", images=len(folder.images), failed=failed, skipped=len(folder.skipped))
+
+
+def _clean_caption(text: str | None) -> str | None:
+    if text is None:
+        return None
+    text = " ".join(text.split())
+    return text or None
+
+
+def _read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
+    """Rows of an append-only JSONL file; a torn last line (a kill mid-write) is ignored."""
+    rows = []
+    with path.open(encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return rows
+
+
+def _prompts(cfg: RunConfig) -> Any:
+    from spti.prompts import load_prompt_set
+
+    return load_prompt_set(cfg.domain)
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: evolve
+# --------------------------------------------------------------------------------------------
+def _private_votes(
+    cfg: RunConfig, run: RunDirectory, models: Any, reporter: Reporter, captions_file: Path | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Private embeddings and their privacy units, cached under ``private/``."""
+    run.ensure_private()
+    if cfg.voting == "text":
+        source = captions_file or run.private / "captions.jsonl"
+        if not source.exists():
+            raise SptiError(f"no private captions at {source}; run the caption stage first")
+        rows = [r for r in _read_jsonl_tolerant(source) if r.get("caption")]
+        if not rows:
+            raise SptiError(f"{source} holds no usable captions")
+        units = np.array([str(r.get("unit", r.get("relpath", i))) for i, r in enumerate(rows)])
+        cache = run.private / "text_embeddings.npy"
+        if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == len(rows):
+            return np.load(cache), units
+        if cfg.provider == "openai":
+            reporter.warn(f"private captions will be sent to {models.openai_host()} for embedding")
+        from spti.text_evolution import TextVoteSpace
+
+        with reporter.progress("embed private captions", len(rows)) as advance:
+            emb = TextVoteSpace(models.text_embedder).embed([r["caption"] for r in rows])
+            advance(len(rows))
+        atomic_save_npy(cache, emb)
+        return emb, units
+    # image voting: private images vote in image-feature space, features computed locally
+    from spti.data import load_image
+
+    manifest = _load_manifest(run)
+    images = manifest["images"]
+    units = np.array([im["unit"] for im in images])
+    cache = run.private / "image_features.npy"
+    if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == len(images):
+        return np.load(cache), units
+    root = Path(manifest["root"])
+    feats = []
+    step = max(cfg.batch_size, 16)
+    with reporter.progress("private image features", len(images)) as advance:
+        for start in range(0, len(images), step):
+            batch = [
+                load_image(root / im["relpath"], size=cfg.voting_size) for im in images[start : start + step]
+            ]
+            feats.append(np.asarray(models.image_embedder.embed(batch), dtype=np.float32))
+            advance(len(batch))
+    emb = np.concatenate(feats)
+    atomic_save_npy(cache, emb)
+    return emb, units
+
+
+def pe_config(cfg: RunConfig) -> Any:
+    from private_evolution import PEConfig
+
+    strengths = cfg.strength
+    return PEConfig(
+        iterations=cfg.iterations,
+        num_samples=cfg.num_samples,
+        epsilon=cfg.epsilon,
+        delta=cfg.delta,
+        population_size=cfg.population_size,
+        variation_folds=cfg.variation_folds,
+        initial_population=cfg.initial_population,
+        strength=tuple(strengths) if len(strengths) > 1 else float(strengths[0]),
+        selection=cfg.selection,  # type: ignore[arg-type]
+        keep_selected=True,
+        k=cfg.k,
+        metric="l2",  # embeddings are L2-normalised for text; image features use plain L2
+        threshold=cfg.threshold,
+        lookahead=cfg.lookahead,
+        seed=cfg.seed,
+    )
+
+
+def evolve_stage(
+    cfg: RunConfig,
+    run: RunDirectory,
+    models: Any,
+    reporter: Reporter,
+    *,
+    captions_file: Path | None = None,
+) -> list[dict[str, Any]]:
+    from private_evolution import PrivateEvolution
+    from private_evolution.accounting import check_delta_for_units, default_delta
+    from spti.text_evolution import (
+        FeatureCache,
+        LLMDescriptionGenerator,
+        RenderedVoteSpace,
+        TextVoteSpace,
+        VariationSettings,
+    )
+
+    private, units = _private_votes(cfg, run, models, reporter, captions_file)
+    num_units = len(np.unique(units))
+    try:
+        delta = cfg.delta if cfg.delta is not None else default_delta(num_units)
+        check_delta_for_units(delta, num_units)
+    except ValueError as exc:
+        raise SptiError(f"too few privacy units ({num_units}) for the requested privacy: {exc}") from None
+
+    generator = LLMDescriptionGenerator(
+        models.llm,
+        _prompts(cfg),
+        VariationSettings(
+            word_count_std=cfg.word_count_std,
+            min_words=cfg.min_words,
+            max_words=cfg.max_words,
+            rephrase_fraction=cfg.rephrase_fraction,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+        ),
+    )
+    if cfg.voting == "text":
+        space: Any = TextVoteSpace(models.text_embedder)
+    else:
+        space = RenderedVoteSpace(
+            models.image_generator,
+            models.image_embedder,
+            size=cfg.voting_size,
+            steps=cfg.steps,
+            guidance=cfg.guidance,
+            seed=cfg.seed,
+            batch_size=cfg.batch_size,
+            cache=FeatureCache(run.state / "vote_features.sqlite"),
+            tag=f"{cfg.image_model}|{cfg.image_embedder}",
+        )
+    pe_cfg = pe_config(cfg)
+    from private_evolution import accounting
+
+    sigma = accounting.noise_multiplier(epsilon=cfg.epsilon, delta=delta, rounds=cfg.iterations)
+    reporter.info(
+        f"evolve: {cfg.iterations} rounds, σ={sigma:.4g} per round, N={num_units} units, "
+        f"{pe_cfg.population_at(1) if cfg.iterations > 1 else pe_cfg.population_at(0)} candidates a round, "
+        f"{cfg.voting} voting"
+    )
+    if sigma > 0 and num_units / pe_cfg.population_at(0) < sigma:
+        reporter.warn(
+            f"a candidate expects {num_units / pe_cfg.population_at(0):.3g} votes per round but the noise std is "
+            f"{sigma:.3g}: selection will be mostly noise (see `spti budget`)"
+        )
+    state = run.state / "pe"
+    resume = (state / "config.json").exists()
+    with reporter.progress("evolve (rounds)", cfg.iterations) as advance:
+        completed = sum(
+            1 for t in range(cfg.iterations) if (state / f"round_{t:03d}" / "complete.json").exists()
+        )
+        advance(completed)
+        pe = PrivateEvolution(generator, space, pe_cfg, state)
+        result = pe.run(private, units=units, resume=resume, callbacks=[lambda r: advance(1)])
+    rows = [
+        {"index": i, "id": sid, "text": text, "votes": float(v)}
+        for i, (sid, text, v) in enumerate(zip(result.ids, result.samples, result.votes, strict=True))
+    ]
+    atomic_write_jsonl(run.release / "captions.jsonl", rows)
+    privacy = privacy_statement(cfg, result, models, generator.stats.as_dict())
+    from private_evolution._io import atomic_write_json
+
+    atomic_write_json(run.release / "privacy.json", privacy)
+    run.mark("evolve", epsilon=privacy["epsilon"], num_samples=len(rows))
+    reporter.info(f"evolve: released {len(rows)} descriptions at ε={privacy['epsilon']:.4g}, δ={delta:.3g}")
+    return rows
+
+
+def privacy_statement(cfg: RunConfig, result: Any, models: Any, generation: dict[str, int]) -> dict[str, Any]:
+    from importlib import metadata
+
+    versions = {}
+    for name in (
+        "spti",
+        "dp-accounting",
+        "numpy",
+        "torch",
+        "transformers",
+        "diffusers",
+        "sentence-transformers",
+        "openai",
+    ):
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    spent = result.ledger.spent_epsilon()
+    return {
+        "epsilon": spent if math.isfinite(spent) else "inf",
+        "epsilon_budget": cfg.epsilon if math.isfinite(cfg.epsilon) else "inf",
+        "delta": result.delta,
+        "noise_multiplier": result.noise_multiplier,
+        "iterations": cfg.iterations,
+        "releases": len(result.ledger),
+        "gdp_mu": result.ledger.mu() if math.isfinite(result.ledger.mu()) else "inf",
+        "privacy_unit": cfg.privacy_unit,
+        "num_units": result.num_units,
+        "neighbouring_relation": f"add or remove one privacy unit ({cfg.privacy_unit})",
+        "mechanism": (
+            "Gaussian mechanism on nearest-neighbour vote histograms (each unit's vote vector has L2 norm <= 1), "
+            f"k={cfg.k}, threshold={cfg.threshold}, {cfg.voting} voting; {cfg.iterations} releases composed "
+            "exactly as Gaussian DP; epsilon from dp-accounting's analytical Gaussian mechanism"
+        ),
+        "voting": cfg.voting,
+        "noise_source": "numpy PCG64DXSM seeded from OS entropy (independent of --seed)",
+        "private_data_sent_to": dict(models.endpoints),
+        "not_dp": "run/private/ (captions, embeddings, manifest) is not covered and must not be shared",
+        "generation_fallbacks": generation,
+        "versions": versions,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: render (post-processing)
+# --------------------------------------------------------------------------------------------
+def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Reporter) -> list[Path]:
+    from private_evolution.population import derive_seed
+
+    captions_path = run.release / "captions.jsonl"
+    if not captions_path.exists():
+        raise SptiError(f"{run.root} has no released descriptions yet; run `spti evolve` first")
+    rows = read_jsonl(captions_path)
+    out_dir = run.release / "images"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = [out_dir / f"{row['index']:05d}.png" for row in rows]
+    todo = [i for i, p in enumerate(paths) if not p.exists()]
+    final = cfg.render_size * (cfg.upscale if models.upscaler is not None else 1)
+    reporter.info(
+        f"render: {len(rows)} images at {cfg.render_size}² with {cfg.image_model}"
+        + (f", upscaled ×{cfg.upscale} ({cfg.upscaler}) to {final}²" if models.upscaler is not None else "")
+    )
+    with reporter.progress("render", len(rows)) as advance:
+        advance(len(rows) - len(todo))
+        for start in range(0, len(todo), cfg.batch_size):
+            idx = todo[start : start + cfg.batch_size]
+            prompts = [rows[i]["text"] for i in idx]
+            images = models.image_generator.generate(
+                prompts,
+                seeds=[derive_seed(cfg.seed, "render", rows[i]["index"]) & 0x7FFFFFFF for i in idx],
+                width=cfg.render_size,
+                height=cfg.render_size,
+                steps=cfg.steps,
+                guidance=cfg.guidance,
+            )
+            if models.upscaler is not None:
+                images = models.upscaler.upscale(images, prompts=prompts)
+            for i, image in zip(idx, images, strict=True):
+                _save_png(image, paths[i])
+            advance(len(idx))
+    from spti.report import write_contact_sheet, write_report
+
+    write_contact_sheet(paths, run.release / "contact_sheet.png")
+    write_report(run, cfg)
+    run.mark("render", images=len(paths), resolution=final)
+    return paths
+
+
+def _save_png(image: Any, path: Path) -> None:
+    import io
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+# --------------------------------------------------------------------------------------------
+# The whole pipeline
+# --------------------------------------------------------------------------------------------
+def synthesize(
+    cfg: RunConfig, private_dir: Path, run: RunDirectory, reporter: Reporter, *, models: Any = None
+) -> RunSummary:
+    from spti.backends.factory import Models
+
+    models = models or Models(cfg, run.state)
+    try:
+        if cfg.preset == "smoke":
+            reporter.warn(
+                "smoke preset: tiny random models, offline; the images are noise (it proves the install)"
+            )
+        if cfg.voting == "text" and not run.stage_done("caption"):
+            caption_stage(cfg, run, models, private_dir, reporter)
+        elif cfg.voting == "image" and not (run.private / "manifest.json").exists():
+            _scan(cfg, private_dir, run, reporter)
+        if not run.stage_done("evolve"):
+            evolve_stage(cfg, run, models, reporter)
+        images = render_stage(cfg, run, models, reporter)
+        privacy = json.loads((run.release / "privacy.json").read_text())
+        usage = models.usage()
+        if usage:
+            reporter.info(f"hosted usage: {json.dumps(usage)}")
+        return RunSummary(run.root, images, privacy)
+    finally:
+        models.close()

@@ -132,8 +132,11 @@ class RunConfig:
             raise bad(f"upscale {self.upscale}: use 1, 2 or 4")
         if not self.strength or any(not 0 < s <= 1 for s in self.strength):
             raise bad(f"strength {self.strength}: each value is a mask probability in (0, 1]")
-        if self.voting == "image" and self.provider == "openai" and self.image_embedder in ("", "none"):
-            raise bad("image voting needs an image embedder")
+        if self.voting == "image" and self.image_embedder == "inception":
+            raise bad(
+                "image voting with the Inception embedder needs its weights file: "
+                "--image-embedder inception:/path/to/pt_inception-2015-12-05-6726825d.pth (or use wavelet)"
+            )
         if self.upscaler == "realesrgan" and not self.upscaler_model:
             raise bad(
                 "upscaler realesrgan needs --upscaler-model PATH to RealESRGAN_x4plus weights "
@@ -202,7 +205,7 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         llm_model="meta-llama/Meta-Llama-3-8B-Instruct",
         embedding_model="sentence-transformers/sentence-t5-base",
         image_model="stabilityai/sdxl-turbo",
-        image_embedder="wavelet",
+        image_embedder="inception",
         voting="image",
         render_size=512,
         voting_size=256,

@@ -13,8 +13,14 @@ from spti.rundir import RunDirectory
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_presets_are_valid(preset: str) -> None:
-    cfg = resolve_config(preset=preset)
+    extra = {"image_embedder": "inception:/w/pt_inception.pth"} if preset == "paper" else {}
+    cfg = resolve_config(preset=preset, overrides=extra)
     assert cfg.preset == preset
+
+
+def test_paper_preset_asks_for_inception_weights() -> None:
+    with pytest.raises(SptiError, match="Inception embedder needs its weights"):
+        resolve_config(preset="paper")
 
 
 def test_precedence_preset_file_flags(tmp_path) -> None:

@@ -9,6 +9,7 @@ The image embedder is named by a spec: ``wavelet``, ``clip[:ID]``, ``dinov2[:ID]
 
 from __future__ import annotations
 
+import os
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,7 +43,9 @@ class Models:
     # -- helpers ---------------------------------------------------------------------------
     @property
     def tiny_dir(self) -> Path:
-        return self.state_dir / "tiny_models"
+        """Where tiny models are built: the run's state, or ``$SPTI_TINY_MODEL_DIR`` to share them."""
+        shared = os.environ.get("SPTI_TINY_MODEL_DIR")
+        return Path(shared) if shared else self.state_dir / "tiny_models"
 
     def _tiny(self, kind: str) -> Path:
         from spti.testing import tiny_text, tiny_vision
@@ -55,6 +58,9 @@ class Models:
         }
         path = self.tiny_dir / kind
         if not (path / ".complete").exists():
+            import shutil
+
+            shutil.rmtree(path, ignore_errors=True)  # a half-built model from an interrupted build
             builders[kind](path)
             (path / ".complete").write_text("ok")
         return path
@@ -153,9 +159,7 @@ class Models:
                     "pt_inception-2015-12-05.pth (the FID Inception-v3 weights)"
                 )
             return features.InceptionV3Embedder(arg, **kwargs)
-        raise SptiError(
-            f"unknown image embedder {spec!r}: use wavelet, clip[:ID], dinov2[:ID] or inception:PATH"
-        )
+        raise SptiError(f"unknown image embedder {spec!r}: use wavelet, clip[:ID], dinov2[:ID] or inception:PATH")
 
     @cached_property
     def upscaler(self) -> Upscaler | None:

@@ -39,6 +39,7 @@ Backend = Literal["auto", "numpy", "torch", "faiss"]
 
 # Bytes a search chunk may use for its chunk×M score block (and, for k > 1, the partition indices).
 DEFAULT_CHUNK_BYTES = int(os.environ.get("PE_CHUNK_BYTES", 192 * 2**20))
+GPU_CHUNK_BYTES = 2**30
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,9 +110,7 @@ def _smallest_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.astype(np.int64, copy=False), np.take_along_axis(scores, idx, axis=1)
 
 
-def _knn_numpy(
-    q: np.ndarray, y: np.ndarray, k: int, metric: str, chunk: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _knn_numpy(q: np.ndarray, y: np.ndarray, k: int, metric: str, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     n = q.shape[0]
     if metric == "cosine":
         q, y = _normalize_rows(q), _normalize_rows(y)
@@ -136,9 +135,7 @@ def _knn_numpy(
     return indices, dists
 
 
-def _knn_faiss(
-    q: np.ndarray, y: np.ndarray, k: int, metric: str, chunk: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _knn_faiss(q: np.ndarray, y: np.ndarray, k: int, metric: str, chunk: int) -> tuple[np.ndarray, np.ndarray]:
     import faiss
 
     q = np.ascontiguousarray(q, dtype=np.float32)
@@ -159,9 +156,7 @@ def _knn_faiss(
     return indices, dists
 
 
-def _knn_torch(
-    q: Any, y: Any, k: int, metric: str, chunk: int, device: str | None
-) -> tuple[np.ndarray, np.ndarray]:
+def _knn_torch(q: Any, y: Any, k: int, metric: str, chunk: int, device: str | None) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
     def as_tensor(x: Any) -> torch.Tensor:
@@ -217,7 +212,11 @@ def nearest_neighbors(
     """
     n, m, _ = _check_inputs(queries, keys, k, metric)
     chosen = _resolve_backend(backend, queries, keys, device)
-    chunk = _chunk_rows(m, k, chunk_size)
+    on_gpu = chosen == "torch" and (
+        (device is not None and device.startswith("cuda")) or str(getattr(queries, "device", "cpu")).startswith("cuda")
+    )
+    # GPUs want big blocks to stay busy; 1 GiB of scores is still small next to their memory.
+    chunk = _chunk_rows(m, k, chunk_size) if not on_gpu or chunk_size else max(1, GPU_CHUNK_BYTES // (m * 4))
     if n == 0:
         return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
     if chosen == "torch":
@@ -238,9 +237,7 @@ def nearest_neighbors(
 # --------------------------------------------------------------------------------------------
 # Votes → clean histogram (NOT private)
 # --------------------------------------------------------------------------------------------
-def histogram_from_neighbors(
-    indices: np.ndarray, num_candidates: int, units: np.ndarray | None = None
-) -> np.ndarray:
+def histogram_from_neighbors(indices: np.ndarray, num_candidates: int, units: np.ndarray | None = None) -> np.ndarray:
     """The clean vote histogram from each private row's k nearest candidates. **Not private.**
 
     Sample level (``units=None``): each row gives 1/√k to each of its k neighbours (L2 norm 1).
@@ -410,9 +407,7 @@ def dp_histogram(
         device=device,
     )
     num_voters = int(private.shape[0]) if units is None else len(np.unique(np.asarray(units)))
-    noisy = privatize(
-        clean, noise_multiplier=noise_multiplier, threshold=threshold, num_voters=num_voters, noise=noise
-    )
+    noisy = privatize(clean, noise_multiplier=noise_multiplier, threshold=threshold, num_voters=num_voters, noise=noise)
     del clean
     return noisy
 

@@ -95,3 +95,7 @@ def bench_one(q, y, label, repeats, mach, chunk_bytes, clean_vote_histogram) -> 
                 "ratio_vs_floor": best / times["torch.mm floor"],
             }
         )
+
+
+if __name__ == "__main__":
+    main()

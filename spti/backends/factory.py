@@ -38,7 +38,6 @@ class Models:
         self.cfg = config
         self.state_dir = Path(state_dir)
         self.endpoints: dict[str, str] = {}
-        self._openai_kwargs: dict[str, Any] = {}
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -68,16 +67,21 @@ class Models:
     def _local_kwargs(self) -> dict[str, Any]:
         return {"device": self.cfg.device, "dtype": self.cfg.dtype, "batch_size": self.cfg.batch_size}
 
+    @cached_property
+    def openai_backend(self) -> Any:
+        """One client for every hosted model: one connection pool, shared rate limits, one usage report."""
+        from spti.backends.openai_api import OpenAIBackend
+
+        return OpenAIBackend(
+            base_url=self.cfg.base_url,
+            cache_path=self.state_dir / "requests.sqlite",
+            max_concurrency=self.cfg.concurrency,
+            requests_per_minute=self.cfg.requests_per_minute,
+            tokens_per_minute=self.cfg.tokens_per_minute,
+        )
+
     def _openai(self) -> dict[str, Any]:
-        if not self._openai_kwargs:
-            self._openai_kwargs = {
-                "base_url": self.cfg.base_url,
-                "cache_path": self.state_dir / "requests.sqlite",
-                "max_concurrency": self.cfg.concurrency,
-                "requests_per_minute": self.cfg.requests_per_minute,
-                "tokens_per_minute": self.cfg.tokens_per_minute,
-            }
-        return self._openai_kwargs
+        return {"backend": self.openai_backend}
 
     def openai_host(self) -> str:
         from spti.backends.openai_api import describe_endpoint
@@ -180,15 +184,14 @@ class Models:
 
     def usage(self) -> dict[str, Any]:
         """Requests, tokens and estimated cost of the hosted models used so far."""
-        out: dict[str, Any] = {}
-        for name in ("captioner", "llm", "text_embedder", "image_generator"):
-            model = self.__dict__.get(name)
-            if model is not None and hasattr(model, "usage"):
-                out[name] = model.usage()
-        return out
+        backend = self.__dict__.get("openai_backend")
+        return backend.usage() if backend is not None else {}
 
     def close(self) -> None:
+        backend = self.__dict__.pop("openai_backend", None)
         for model in list(self.__dict__.values()):
             close = getattr(model, "close", None)
             if callable(close):
                 close()
+        if backend is not None:
+            backend.close()

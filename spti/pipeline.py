@@ -37,7 +37,8 @@ class Reporter:
     def __init__(self, *, quiet: bool = False) -> None:
         from rich.console import Console
 
-        self.console = Console(stderr=True, quiet=quiet)
+        self.console = Console(stderr=True)
+        self.quiet = quiet
 
     def info(self, message: str) -> None:
         self.console.print(message, highlight=False)

@@ -108,9 +108,7 @@ def gdp_mu(noise_multipliers: float | Sequence[float], rounds: int = 1) -> float
     Either one σ repeated ``rounds`` times or a sequence of per-release σ's.
     """
     sigmas = (
-        [float(noise_multipliers)] * rounds
-        if isinstance(noise_multipliers, int | float)
-        else list(noise_multipliers)
+        [float(noise_multipliers)] * rounds if isinstance(noise_multipliers, int | float) else list(noise_multipliers)
     )
     for s in sigmas:
         _check_sigma(s)
@@ -146,9 +144,7 @@ def epsilon_pld(
         return math.inf
     if not noise_multipliers and not extra_events:
         return 0.0
-    accountant = pld_privacy_accountant.PLDAccountant(
-        value_discretization_interval=value_discretization_interval
-    )
+    accountant = pld_privacy_accountant.PLDAccountant(value_discretization_interval=value_discretization_interval)
     for s in noise_multipliers:
         accountant.compose(dp_accounting.GaussianDpEvent(s))
     for event in extra_events:
@@ -298,9 +294,7 @@ class PrivacyLedger:
             "budget": {"epsilon": _json_float(self.epsilon_budget), "delta": self.delta},
             "spent": {"epsilon": _json_float(spent), "delta": self.delta, "gdp_mu": _json_float(self.mu())},
             "num_releases": len(self._releases),
-            "releases": [
-                asdict(r) | {"noise_multiplier": _json_float(r.noise_multiplier)} for r in self._releases
-            ],
+            "releases": [asdict(r) | {"noise_multiplier": _json_float(r.noise_multiplier)} for r in self._releases],
             "library_versions": library_versions(),
         }
 
@@ -320,9 +314,7 @@ class PrivacyLedger:
             raise ValueError(f"cannot read privacy ledger {path}: {exc}") from exc
         if data.get("format") != cls.FORMAT:
             raise ValueError(f"{path} is not a privacy ledger of format {cls.FORMAT}")
-        ledger = cls(
-            epsilon=_from_json_float(data["budget"]["epsilon"]), delta=data["budget"]["delta"], path=path
-        )
+        ledger = cls(epsilon=_from_json_float(data["budget"]["epsilon"]), delta=data["budget"]["delta"], path=path)
         for r in data["releases"]:
             r = dict(r)
             r["noise_multiplier"] = _from_json_float(r["noise_multiplier"])

@@ -106,9 +106,7 @@ class PEConfig:
             raise bad(f"iterations must be an integer >= 1, got {self.iterations!r}")
         if self.num_samples < 1:
             raise bad(f"num_samples must be >= 1, got {self.num_samples}")
-        if self.variation_folds < 0 or (
-            self.iterations > 1 and self.variation_folds + self.keep_selected < 1
-        ):
+        if self.variation_folds < 0 or (self.iterations > 1 and self.variation_folds + self.keep_selected < 1):
             raise bad("variation_folds must be >= 1 when keep_selected is off")
         for name, n_needed in (("population_size", self.iterations - 1), ("strength", self.iterations - 1)):
             value = getattr(self, name)
@@ -251,9 +249,7 @@ class PrivateEvolution(Generic[S]):
         return [t for t in range(self.config.iterations) if (self.round_dir(t) / "complete.json").exists()]
 
     # -- set-up ----------------------------------------------------------------------------
-    def _prepare(
-        self, private: np.ndarray, units: np.ndarray | None, resume: bool
-    ) -> tuple[PrivacyLedger, float]:
+    def _prepare(self, private: np.ndarray, units: np.ndarray | None, resume: bool) -> tuple[PrivacyLedger, float]:
         cfg = self.config
         num_units = int(private.shape[0]) if units is None else len(np.unique(np.asarray(units)))
         if num_units < 1:
@@ -272,8 +268,7 @@ class PrivateEvolution(Generic[S]):
         if config_path.exists():
             if not resume:
                 raise RunStateError(
-                    f"{self.state_dir} already holds a PE run; "
-                    "pass resume=True to continue it or use a new directory"
+                    f"{self.state_dir} already holds a PE run; pass resume=True to continue it or use a new directory"
                 )
             saved = json.loads(config_path.read_text())
             diffs = [k for k in meta if saved.get(k) != meta[k]]
@@ -310,9 +305,7 @@ class PrivateEvolution(Generic[S]):
         private = private_embeddings
         units_arr = None if units is None else np.asarray(units)
         if units_arr is not None and units_arr.shape != (private.shape[0],):
-            raise ValueError(
-                f"units must have one id per private row ({private.shape[0]}), got {units_arr.shape}"
-            )
+            raise ValueError(f"units must have one id per private row ({private.shape[0]}), got {units_arr.shape}")
         ledger, sigma = self._prepare(private, units_arr, resume)
         resumed: list[int] = []
 
@@ -349,9 +342,7 @@ class PrivateEvolution(Generic[S]):
             complete = rdir / "complete.json"
             if not complete.exists():
                 atomic_write_json(complete, {"round": t, "epsilon_spent": _finite(ledger.spent_epsilon())})
-                result = RoundResult(
-                    t, population, noisy, selected_idx, ledger.spent_epsilon(), resumed=was_released
-                )
+                result = RoundResult(t, population, noisy, selected_idx, ledger.spent_epsilon(), resumed=was_released)
                 for callback in callbacks:
                     callback(result)
             if t < cfg.iterations - 1:

@@ -35,14 +35,11 @@ class Population(Generic[S]):
 
     def take(self, indices: Sequence[int] | np.ndarray) -> Population[S]:
         idx = [int(i) for i in indices]
-        return Population(
-            [self.samples[i] for i in idx], [self.ids[i] for i in idx], [self.parents[i] for i in idx]
-        )
+        return Population([self.samples[i] for i in idx], [self.ids[i] for i in idx], [self.parents[i] for i in idx])
 
     def to_rows(self) -> list[dict[str, Any]]:
         return [
-            {"id": i, "parent": p, "sample": s}
-            for i, p, s in zip(self.ids, self.parents, self.samples, strict=True)
+            {"id": i, "parent": p, "sample": s} for i, p, s in zip(self.ids, self.parents, self.samples, strict=True)
         ]
 
     @classmethod

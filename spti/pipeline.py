@@ -57,7 +57,7 @@ class Reporter:
             TimeRemainingColumn(),
             console=self.console,
             transient=False,
-            disable=self.console.quiet,
+            disable=self.quiet,
         ) as bar:
             task = bar.add_task(description, total=total)
             yield lambda n=1: bar.advance(task, n)

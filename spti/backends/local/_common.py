@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -118,3 +119,91 @@ def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
         raise ValueError(f"batch size must be >= 1, got {size}")
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def diffusers_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """The dtype keyword of diffusers' ``from_pretrained``: ``dtype`` where supported, else ``torch_dtype``.
+
+    Recent diffusers deprecate ``torch_dtype``; older ones (>= 0.31, our floor) know only that name
+    and would silently ignore ``dtype``, loading fp32 weights.
+    """
+    try:
+        from diffusers.utils import deprecation_utils
+
+        supports_dtype = hasattr(deprecation_utils, "_resolve_dtype")
+    except ImportError:
+        supports_dtype = False
+    return {"dtype": dtype} if supports_dtype else {"torch_dtype": dtype}
+
+
+def transformers_dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
+    """The dtype keyword of transformers' ``from_pretrained``: ``dtype`` from 4.56 on, else ``torch_dtype``."""
+    import transformers
+
+    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
+    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+
+def load_weights_file(path: str | Path, what: str, where: str) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors`` or a torch ``.pth`` without executing pickled code.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)`` (no arbitrary unpickling) with
+    ``mmap`` so a large file is not copied into memory twice; files written by old torch versions
+    cannot be memory-mapped and are read normally.
+    """
+    import torch
+
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise SptiError(f"{what} weights file '{path}' does not exist; download it from {where} and pass its path")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return dict(load_file(str(path), device="cpu"))
+        except Exception as exc:
+            raise SptiError(f"{what} weights file '{path}' is not a readable safetensors file: {exc}") from exc
+    try:
+        try:
+            data = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:
+            if "mmap" not in str(exc) and "zipfile" not in str(exc):
+                raise
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise SptiError(
+            f"{what} weights file '{path}' could not be read as a torch state dict ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else ''})"
+        ) from exc
+    if not isinstance(data, Mapping):
+        raise SptiError(f"{what} weights file '{path}' does not hold a state dict")
+    return dict(data)
+
+
+@contextmanager
+def quiet_hf(*, logs: bool = True) -> Iterator[None]:
+    """Hide transformers/diffusers progress bars (and, with ``logs``, their warnings) for a block.
+
+    For loads and saves whose chatter is expected and useless to a user (a partial checkpoint
+    loaded on purpose, tiny test models); hub download bars are not affected. Settings are
+    restored afterwards, also for a library that is not installed.
+    """
+    import importlib
+
+    saved: list[tuple[Any, int, bool]] = []
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            lib = importlib.import_module(name)
+        except ImportError:
+            continue
+        saved.append((lib, lib.get_verbosity(), lib.is_progress_bar_enabled()))
+        lib.disable_progress_bar()
+        if logs:
+            lib.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for lib, verbosity, bars in saved:
+            lib.set_verbosity(verbosity)
+            if bars:
+                lib.enable_progress_bar()

@@ -178,6 +178,7 @@ class Models:
             return upscale.RealESRGANUpscaler(str(cfg.upscaler_model), scale=cfg.upscale, device=cfg.device)
         return upscale.DiffusersX4Upscaler(
             cfg.upscaler_model or "stabilityai/stable-diffusion-x4-upscaler",
+            scale=cfg.upscale,
             device=cfg.device,
             dtype=cfg.dtype,
         )

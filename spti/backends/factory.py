@@ -144,26 +144,8 @@ class Models:
     @cached_property
     def image_embedder(self) -> ImageEmbedder:
         """Image features are always computed locally: private images never leave the machine here."""
-        from spti.backends.local import features
-
-        spec = self.cfg.image_embedder
-        name, _, arg = spec.partition(":")
         self.endpoints["image_features"] = "local"
-        if name == "wavelet":
-            return features.WaveletEmbedder()
-        kwargs = {"device": self.cfg.device, "batch_size": max(self.cfg.batch_size, 16)}
-        if name == "clip":
-            return features.CLIPImageEmbedder(arg or DEFAULT_CLIP, **kwargs)
-        if name == "dinov2":
-            return features.DINOv2Embedder(arg or DEFAULT_DINOV2, **kwargs)
-        if name == "inception":
-            if not arg:
-                raise SptiError(
-                    "image embedder 'inception' needs its weights: --image-embedder inception:/path/to/"
-                    "pt_inception-2015-12-05.pth (the FID Inception-v3 weights)"
-                )
-            return features.InceptionV3Embedder(arg, **kwargs)
-        raise SptiError(f"unknown image embedder {spec!r}: use wavelet, clip[:ID], dinov2[:ID] or inception:PATH")
+        return build_image_embedder(self.cfg.image_embedder, device=self.cfg.device, batch_size=self.cfg.batch_size)
 
     @cached_property
     def upscaler(self) -> Upscaler | None:
@@ -196,3 +178,25 @@ class Models:
                 close()
         if backend is not None:
             backend.close()
+
+
+def build_image_embedder(spec: str, *, device: str = "auto", batch_size: int = 16) -> ImageEmbedder:
+    """An image feature extractor from a spec: ``wavelet``, ``clip[:ID]``, ``dinov2[:ID]``, ``inception:PATH``."""
+    from spti.backends.local import features
+
+    name, _, arg = spec.partition(":")
+    if name == "wavelet":
+        return features.WaveletEmbedder()
+    kwargs = {"device": device, "batch_size": max(batch_size, 16)}
+    if name == "clip":
+        return features.CLIPImageEmbedder(arg or DEFAULT_CLIP, **kwargs)
+    if name == "dinov2":
+        return features.DINOv2Embedder(arg or DEFAULT_DINOV2, **kwargs)
+    if name == "inception":
+        if not arg:
+            raise SptiError(
+                "image embedder 'inception' needs its weights: --image-embedder inception:/path/to/"
+                "pt_inception-2015-12-05-6726825d.pth (the FID Inception-v3 weights)"
+            )
+        return features.InceptionV3Embedder(arg, **kwargs)
+    raise SptiError(f"unknown image embedder {spec!r}: use wavelet, clip[:ID], dinov2[:ID] or inception:PATH")

@@ -284,7 +284,7 @@ def evolve_stage(
     *,
     captions_file: Path | None = None,
 ) -> list[dict[str, Any]]:
-    from private_evolution import PrivateEvolution
+    from private_evolution import BudgetExceededError, PrivateEvolution, RunStateError
     from private_evolution.accounting import check_delta_for_units, default_delta
     from spti.text_evolution import (
         FeatureCache,
@@ -350,7 +350,10 @@ def evolve_stage(
         )
         advance(completed)
         pe = PrivateEvolution(generator, space, pe_cfg, state)
-        result = pe.run(private, units=units, resume=resume, callbacks=[lambda r: advance(1)])
+        try:
+            result = pe.run(private, units=units, resume=resume, callbacks=[lambda r: advance(1)])
+        except (BudgetExceededError, RunStateError) as exc:
+            raise SptiError(str(exc)) from None
     rows = [
         {"index": i, "id": sid, "text": text, "votes": float(v)}
         for i, (sid, text, v) in enumerate(zip(result.ids, result.samples, result.votes, strict=True))

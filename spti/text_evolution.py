@@ -113,12 +113,8 @@ class LLMDescriptionGenerator:
         for _ in range(n):
             _, attribute = pairs[int(rng.integers(len(pairs)))]
             tone = self.prompts.tones[int(rng.integers(len(self.prompts.tones)))]
-            user = self.prompts.random_template.format(
-                subject=self.prompts.subject, attribute=attribute, tone=tone
-            )
-            conversations.append(
-                self._with_system(self.prompts.random_system, [{"role": "user", "content": user}])
-            )
+            user = self.prompts.random_template.format(subject=self.prompts.subject, attribute=attribute, tone=tone)
+            conversations.append(self._with_system(self.prompts.random_system, [{"role": "user", "content": user}]))
             fallbacks.append(f"{self.prompts.subject} {attribute}")
         return conversations, fallbacks
 
@@ -126,19 +122,10 @@ class LLMDescriptionGenerator:
         seed = 0 if seed is None else seed
         conversations, fallbacks = self.random_conversations(n, seed)
         outputs = self._generate(conversations, [f"random/{seed}/{i}" for i in range(n)], seed, "random")
-        result = []
-        for out, fallback in zip(outputs, fallbacks, strict=True):
-            text = clean_description(out, max_words=self.settings.max_words)
-            with self.stats.lock:
-                self.stats.random_requested += 1
-                self.stats.random_fallbacks += text is None
-            result.append(text if text is not None else fallback)
-        return result
+        return self._clean_or_fallback(outputs, fallbacks, "random")
 
     # -- variation API ---------------------------------------------------------------------
-    def variation_conversations(
-        self, samples: Sequence[str], strength: float, seed: int
-    ) -> list[list[ChatMessage]]:
+    def variation_conversations(self, samples: Sequence[str], strength: float, seed: int) -> list[list[ChatMessage]]:
         s = self.settings
         rng = np.random.default_rng(seed)
         probability = float(np.clip(strength, 0.05, 0.95))
@@ -165,19 +152,18 @@ class LLMDescriptionGenerator:
     def vary(self, samples: Sequence[str], strength: float, *, seed: int | None = None) -> list[str]:
         seed = 0 if seed is None else seed
         conversations = self.variation_conversations(samples, strength, seed)
-        outputs = self._generate(
-            conversations, [f"vary/{seed}/{i}" for i in range(len(samples))], seed, "vary"
-        )
-        result = []
-        for out, original in zip(outputs, samples, strict=True):
-            text = clean_description(out, max_words=self.settings.max_words)
-            with self.stats.lock:
-                self.stats.vary_requested += 1
-                self.stats.vary_fallbacks += text is None
-            result.append(text if text is not None else original)
-        return result
+        outputs = self._generate(conversations, [f"vary/{seed}/{i}" for i in range(len(samples))], seed, "vary")
+        return self._clean_or_fallback(outputs, list(samples), "vary")
 
     # -- helpers ---------------------------------------------------------------------------
+    def _clean_or_fallback(self, outputs: list[str | None], fallbacks: list[str], what: str) -> list[str]:
+        """Cleaned answers; an unusable one is replaced by its public fallback and counted."""
+        cleaned = [clean_description(out, max_words=self.settings.max_words) for out in outputs]
+        with self.stats.lock:
+            setattr(self.stats, f"{what}_requested", getattr(self.stats, f"{what}_requested") + len(cleaned))
+            setattr(self.stats, f"{what}_fallbacks", getattr(self.stats, f"{what}_fallbacks") + cleaned.count(None))
+        return [text if text is not None else fb for text, fb in zip(cleaned, fallbacks, strict=True)]
+
     def _few_shot(self) -> list[ChatMessage]:
         messages: list[ChatMessage] = []
         for ex in self.prompts.examples:
@@ -204,9 +190,7 @@ class LLMDescriptionGenerator:
             keys=keys,
         )
         if len(outputs) != len(conversations):
-            raise RuntimeError(
-                f"text generator returned {len(outputs)} answers for {len(conversations)} prompts"
-            )
+            raise RuntimeError(f"text generator returned {len(outputs)} answers for {len(conversations)} prompts")
         if self._progress is not None:
             self._progress(what, len(conversations))
         return outputs
@@ -250,9 +234,7 @@ class FeatureCache:
             for start in range(0, len(keys), 500):
                 chunk = list(keys[start : start + 500])
                 marks = ",".join("?" * len(chunk))
-                for key, blob in self._db.execute(
-                    f"SELECT key, data FROM features WHERE key IN ({marks})", chunk
-                ):
+                for key, blob in self._db.execute(f"SELECT key, data FROM features WHERE key IN ({marks})", chunk):
                     out[key] = np.frombuffer(blob, dtype=np.float32)
         return out
 

@@ -228,7 +228,9 @@ def nearest_neighbors(
     dtype = np.result_type(q.dtype, y.dtype, np.float32)
     q, y = q.astype(dtype, copy=False), y.astype(dtype, copy=False)
     if chosen == "faiss":
-        return _knn_faiss(q, y, k, metric, chunk)
+        # faiss tiles queries × database internally with bounded buffers; bigger calls keep its
+        # threads busy, and the only per-call memory is the N×k result.
+        return _knn_faiss(q, y, k, metric, chunk if chunk_size is not None else max(chunk, 1 << 16))
     if chosen == "numpy":
         return _knn_numpy(q, y, k, metric, chunk)
     raise ValueError(f"backend must be one of auto, numpy, torch, faiss; got {backend!r}")

@@ -55,6 +55,11 @@ class Models:
             "sentence": tiny_text.build_tiny_sentence_transformer,
             "sd": tiny_vision.build_tiny_sd_pipeline,
         }
+        import torch
+
+        # Tiny models are many small ops: a second thread only waits on the first, and on a busy
+        # 2-core machine it made the smoke run several times slower.
+        torch.set_num_threads(1)
         path = self.tiny_dir / kind
         if not (path / ".complete").exists():
             import shutil

@@ -473,6 +473,16 @@ def render(
     typer.echo(f"rendered {len(paths)} images in {run.release / 'images'}")
 
 
+def _register_optional_commands() -> None:
+    """Commands that live in their own modules (their heavy imports stay inside the commands)."""
+    from spti.cli_audit import register as register_audit
+
+    register_audit(app)
+
+
+_register_optional_commands()
+
+
 def main() -> None:
     """Console entry point: user errors print one line and exit non-zero, never a traceback."""
     try:

@@ -26,14 +26,17 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import emit, machine
 
 
-def best_of(fn: Callable[[], object], repeats: int) -> float:
-    fn()  # warm-up
-    best = float("inf")
+def compare(ours: Callable[[], object], bare: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """Best-of-``repeats`` seconds of each, measured alternately so machine noise hits both alike."""
+    ours()  # warm-up
+    bare()
+    best = [float("inf"), float("inf")]
     for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+        for i, fn in enumerate((ours, bare)):
+            t = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t)
+    return best[0], best[1]
 
 
 def report(name: str, n: int, ours: float, bare: float, **extra: object) -> None:
@@ -87,9 +90,10 @@ def bench_text(n: int, repeats: int, device: str, tmp: str) -> None:
     texts = [" ".join(rng.choice(words, size=int(rng.integers(15, 40)))) for _ in range(n)]
     ours = SentenceTransformerEmbedder(path, device=device, batch_size=64)
     bare = SentenceTransformer(path, device=device)
-    t_ours = best_of(lambda: ours.embed(texts), repeats)
-    t_bare = best_of(
-        lambda: bare.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True), repeats
+    t_ours, t_bare = compare(
+        lambda: ours.embed(texts),
+        lambda: bare.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True),
+        repeats,
     )
     report("sentence-transformers all-MiniLM-L6-v2", n, t_ours, t_bare, weights=weights, device=device)
 
@@ -117,7 +121,7 @@ def bench_wavelet(n: int, repeats: int) -> None:
             out.append(np.concatenate([pywt.wavedec2(arr[..., c], "haar", level=3)[0].ravel() for c in range(3)]))
         return np.stack(out)
 
-    report("wavelet haar L3 (64²)", n, best_of(lambda: ours.embed(imgs), repeats), best_of(bare, repeats))
+    report("wavelet haar L3 (64²)", n, *compare(lambda: ours.embed(imgs), bare, repeats))
 
 
 def bench_vision(kind: str, n: int, repeats: int, device: str, tmp: str) -> None:
@@ -162,7 +166,7 @@ def bench_vision(kind: str, n: int, repeats: int, device: str, tmp: str) -> None
                 out.append(torch.nn.functional.normalize(feats, dim=-1).float().cpu().numpy())
         return np.concatenate(out)
 
-    report(label, n, best_of(lambda: ours.embed(imgs), repeats), best_of(bare, repeats), device=device)
+    report(label, n, *compare(lambda: ours.embed(imgs), bare, repeats), device=device)
 
 
 def main() -> None:

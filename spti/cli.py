@@ -476,7 +476,9 @@ def render(
 def _register_optional_commands() -> None:
     """Commands that live in their own modules (their heavy imports stay inside the commands)."""
     from spti.cli_audit import register as register_audit
+    from spti.cli_evaluate import register as register_evaluate
 
+    register_evaluate(app)
     register_audit(app)
 
 

@@ -1,0 +1,117 @@
+"""The ``spti evaluate`` command: metrics of a run against its private data (NOT DP, owner only).
+
+Only typer and the standard library are imported here, so registering the command costs the CLI's
+start-up nothing; numpy, scipy and the models are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_METRIC_HELP = "Comma list of: fid, fd-dinov2, fd-clip, precision-recall, clip-score, wavelet, text-fd (default: all)."
+_EPILOG = (
+    "Results are NOT differentially private: they are computed from your private data and written to "
+    "RUN_DIR/private/evaluation.json and evaluation.html for you only.\n\n"
+    "Examples:\n\n"
+    "  spti evaluate runs/faces --inception-weights ~/models/pt_inception-2015-12-05-6726825d.pth\n\n"
+    "  spti evaluate runs/faces --metrics wavelet,text-fd --max-images 200 --json"
+)
+
+
+def _one_line_errors(fn: F) -> F:
+    """User errors (``SptiError``) become one ``error:`` line and their exit code, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from spti.errors import SptiError
+
+        try:
+            return fn(*args, **kwargs)
+        except SptiError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            typer.echo("interrupted; nothing was written", err=True)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory of a finished (rendered) run.")],
+    private: Annotated[
+        Path | None,
+        typer.Option("--private", help="Private image folder (default: the one recorded in the run)."),
+    ] = None,
+    metrics: Annotated[str | None, typer.Option("--metrics", "-m", help=_METRIC_HELP)] = None,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--inception-weights",
+            help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth); without it FID is skipped.",
+        ),
+    ] = None,
+    clip_model: Annotated[
+        str, typer.Option("--clip-model", help="CLIP checkpoint (id or folder) for fd-clip and clip-score.")
+    ] = "openai/clip-vit-base-patch32",
+    dinov2_model: Annotated[
+        str, typer.Option("--dinov2-model", help="DINOv2 checkpoint for fd-dinov2 and precision-recall.")
+    ] = "facebook/dinov2-small",
+    text_model: Annotated[
+        str | None,
+        typer.Option("--text-model", help="Sentence-transformers model for text-fd (default: the run's)."),
+    ] = None,
+    device: Annotated[str, typer.Option("--device", help="auto | cpu | cuda | mps.")] = "auto",
+    max_images: Annotated[
+        int | None,
+        typer.Option("--max-images", min=2, help="Use a fixed random subset of at most N images per side."),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation as one JSON object.")] = False,
+) -> None:
+    """Compare the release with the private data (FID, FD-DINOv2/CLIP, precision/recall, CLIP score,
+    wavelet spectra, text FD). NOT differentially private: for the data owner only."""
+    from spti.evaluate import NOT_DP_WARNING, evaluate_run, headline, parse_metrics
+
+    chosen = parse_metrics(metrics)
+
+    def say(message: str) -> None:
+        typer.echo(f"evaluate: {message}", err=True)
+
+    report = evaluate_run(
+        run_dir,
+        private,
+        chosen,
+        device=device,
+        inception_weights=inception_weights,
+        clip_model=clip_model,
+        dinov2_model=dinov2_model,
+        text_model=text_model,
+        max_images=max_images,
+        progress=say,
+    )
+    typer.secho(f"warning: {NOT_DP_WARNING}", fg="red", bold=True, err=True)
+    if as_json:
+        typer.echo(json.dumps(report, ensure_ascii=False))
+        return
+    width = max(len(name) for name in report["metrics"])
+    for name, result in report["metrics"].items():
+        counts = ""
+        if result.get("status") == "ok":
+            counts = f"  [{result.get('extractor', '')}; n={result.get('n_private', '-')} private"
+            counts += f" / {result.get('n_released', '-')} released]"
+        typer.echo(f"{name.ljust(width)}  {headline(result)}{counts}")
+    outputs = report["outputs"]
+    typer.echo(f"wrote {outputs['json']} and {outputs['html']} (NOT differentially private: do not share)")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``evaluate`` to ``app`` (called from :mod:`spti.cli`)."""
+    app.command("evaluate", epilog=_EPILOG)(_one_line_errors(evaluate))

@@ -200,3 +200,18 @@ def test_histogram_at_scale_peak_memory_under_2gb() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     peak_kib = int(out.stdout.strip().splitlines()[-1])
     assert peak_kib * 1024 < 2 * 2**30
+
+
+def test_auto_times_numpy_and_faiss_and_stays_exact(monkeypatch) -> None:
+    pytest.importorskip("faiss")
+    monkeypatch.setattr(H, "CALIBRATE_MIN_WORK", 0)
+    monkeypatch.setattr(H, "_CPU_CHOICE", {})
+    rng = np.random.default_rng(5)
+    q = rng.standard_normal((300, 8)).astype(np.float32)
+    y = rng.standard_normal((50, 8)).astype(np.float32)
+    idx, _ = H.nearest_neighbors(q, y, k=2)
+    np.testing.assert_array_equal(idx, brute_force(q, y, 2, "l2")[0])
+    assert set(H._CPU_CHOICE.values()) <= {"numpy", "faiss"}
+    assert len(H._CPU_CHOICE) == 1
+    again, _ = H.nearest_neighbors(q, y, k=2)  # the cached choice serves every row
+    np.testing.assert_array_equal(again, idx)

@@ -210,14 +210,20 @@ def _knn_calibrated(
     start = 0
     parts: list[tuple[np.ndarray, np.ndarray]] = []
     if key not in _CPU_CHOICE:
-        probe = max(1, min(q.shape[0] // 4, chunk, 4096))
-        t0 = time.perf_counter()
-        parts.append(_knn_numpy(q[:probe], y, k, metric, chunk))
-        t1 = time.perf_counter()
-        _knn_faiss(q[:probe], y, k, metric, faiss_chunk)
-        t2 = time.perf_counter()
-        _CPU_CHOICE[key] = "numpy" if t1 - t0 <= t2 - t1 else "faiss"
-        start = probe
+        # Alternate the two on consecutive row blocks (every result is kept: no work is wasted)
+        # and compare each one's best block, so one noisy block cannot decide.
+        probe = max(1, min(q.shape[0] // 8, chunk, 4096))
+        best = {"numpy": float("inf"), "faiss": float("inf")}
+        for name in ("numpy", "faiss", "numpy", "faiss"):
+            block = q[start : start + probe]
+            t0 = time.perf_counter()
+            if name == "numpy":
+                parts.append(_knn_numpy(block, y, k, metric, chunk))
+            else:
+                parts.append(_knn_faiss(block, y, k, metric, faiss_chunk))
+            best[name] = min(best[name], (time.perf_counter() - t0) / max(len(block), 1))
+            start += len(block)
+        _CPU_CHOICE[key] = "numpy" if best["numpy"] <= best["faiss"] else "faiss"
     rest = q[start:]
     if len(rest):
         if _CPU_CHOICE[key] == "numpy":

@@ -68,9 +68,7 @@ def budget(
         float | None,
         typer.Option(help="Target δ. Default with --num-private: 1/(N·ln N)."),
     ] = None,
-    iterations: Annotated[
-        int, typer.Option("--iterations", "-T", help="PE rounds (noisy releases).", min=1)
-    ] = 10,
+    iterations: Annotated[int, typer.Option("--iterations", "-T", help="PE rounds (noisy releases).", min=1)] = 10,
     num_private: Annotated[
         int | None, typer.Option("--num-private", "-N", help="Number of privacy units that vote.", min=1)
     ] = None,
@@ -91,9 +89,7 @@ def budget(
         if num_private is not None:
             accounting.check_delta_for_units(delta, num_private)
         sigma = accounting.noise_multiplier(epsilon=eps, delta=delta, rounds=iterations)
-        achieved = (
-            accounting.epsilon(noise_multiplier=sigma, delta=delta, rounds=iterations) if sigma > 0 else eps
-        )
+        achieved = accounting.epsilon(noise_multiplier=sigma, delta=delta, rounds=iterations) if sigma > 0 else eps
     except ValueError as exc:
         raise _fail(str(exc)) from None
     mu = accounting.gdp_mu(sigma, iterations) if sigma > 0 else math.inf
@@ -147,9 +143,7 @@ def budget(
 # synthesize / caption / evolve / render
 # --------------------------------------------------------------------------------------------
 Opt = typer.Option
-OutputOpt = Annotated[
-    Path, Opt("--output", "-o", help="Run directory to create (or continue with --resume).")
-]
+OutputOpt = Annotated[Path, Opt("--output", "-o", help="Run directory to create (or continue with --resume).")]
 PresetOpt = Annotated[str | None, Opt(help="smoke | quick | paper | openai (default quick).")]
 ConfigOpt = Annotated[Path | None, Opt("--config", help="TOML file with settings; flags win over it.")]
 ResumeOpt = Annotated[bool, Opt("--resume", help="Continue an interrupted run in --output.")]
@@ -228,21 +222,15 @@ def synthesize(
     preset: PresetOpt = None,
     voting: Annotated[str | None, Opt(help="text (captions vote) | image (images vote on renders).")] = None,
     provider: Annotated[str | None, Opt(help="local (Hugging Face) | openai (any compatible API).")] = None,
-    base_url: Annotated[
-        str | None, Opt(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")
-    ] = None,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")] = None,
     caption_model: Annotated[str | None, Opt(help="Vision-language model for captions.")] = None,
     llm_model: Annotated[str | None, Opt(help="Chat model for the random / variation APIs.")] = None,
     embedding_model: Annotated[str | None, Opt(help="Text embedding model (text voting).")] = None,
     image_model: Annotated[str | None, Opt(help="Text-to-image model.")] = None,
-    image_embedder: Annotated[
-        str | None, Opt(help="wavelet | clip[:ID] | dinov2[:ID] | inception:PATH.")
-    ] = None,
+    image_embedder: Annotated[str | None, Opt(help="wavelet | clip[:ID] | dinov2[:ID] | inception:PATH.")] = None,
     upscaler: Annotated[str | None, Opt(help="none | lanczos | realesrgan | sd-x4.")] = None,
     upscale: Annotated[int | None, Opt(help="Upscaling factor: 1, 2 or 4.")] = None,
-    upscaler_model: Annotated[
-        str | None, Opt(help="Real-ESRGAN weights file, or x4 upscaler model id.")
-    ] = None,
+    upscaler_model: Annotated[str | None, Opt(help="Real-ESRGAN weights file, or x4 upscaler model id.")] = None,
     domain: Annotated[str | None, Opt(help="Prompt set: generic | faces | bedrooms | PATH.")] = None,
     privacy_unit: Annotated[str | None, Opt(help="image | folder (one sub-folder = one person).")] = None,
     population_size: Annotated[int | None, Opt(help="Descriptions kept per round.", min=1)] = None,
@@ -336,12 +324,8 @@ def caption(
 @app.command()
 @_user_errors
 def evolve(
-    run_dir: Annotated[
-        Path | None, typer.Argument(help="Run directory with captions (from `spti caption`).")
-    ] = None,
-    captions: Annotated[
-        Path | None, Opt(help="Bring your own private captions (JSONL: caption, unit).")
-    ] = None,
+    run_dir: Annotated[Path | None, typer.Argument(help="Run directory with captions (from `spti caption`).")] = None,
+    captions: Annotated[Path | None, Opt(help="Bring your own private captions (JSONL: caption, unit).")] = None,
     output: Annotated[Path | None, Opt("--output", "-o", help="New run directory (with --captions).")] = None,
     epsilon: EpsOpt = None,
     delta: DeltaOpt = None,
@@ -420,9 +404,7 @@ def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
             if not isinstance(text, str) or not text.strip():
                 raise SptiError(f"{path}:{lineno} has no 'caption' (or 'text') string")
             unit = str(row.get("unit", row.get("id", lineno)))
-            rows.append(
-                {"relpath": str(row.get("id", lineno)), "unit": unit, "caption": " ".join(text.split())}
-            )
+            rows.append({"relpath": str(row.get("id", lineno)), "unit": unit, "caption": " ".join(text.split())})
     if not rows:
         raise SptiError(f"{path} holds no captions")
     run.ensure_private()

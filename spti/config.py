@@ -108,9 +108,7 @@ class RunConfig:
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise bad(
-                    f"{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}"
-                )
+                raise bad(f"{name.replace('_', '-')} {getattr(self, name)!r}: use one of {', '.join(allowed)}")
         positive = (
             "num_samples",
             "iterations",
@@ -139,8 +137,7 @@ class RunConfig:
             )
         if self.upscaler == "realesrgan" and not self.upscaler_model:
             raise bad(
-                "upscaler realesrgan needs --upscaler-model PATH to RealESRGAN_x4plus weights "
-                "(.pth or .safetensors)"
+                "upscaler realesrgan needs --upscaler-model PATH to RealESRGAN_x4plus weights (.pth or .safetensors)"
             )
         return self
 

@@ -111,9 +111,7 @@ def _load_manifest(run: RunDirectory) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def caption_stage(
-    cfg: RunConfig, run: RunDirectory, models: Any, private_dir: Path, reporter: Reporter
-) -> None:
+def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: Path, reporter: Reporter) -> None:
     from spti.data import load_image
 
     folder = _scan(cfg, private_dir, run, reporter)
@@ -243,9 +241,7 @@ def _private_votes(
     step = max(cfg.batch_size, 16)
     with reporter.progress("private image features", len(images)) as advance:
         for start in range(0, len(images), step):
-            batch = [
-                load_image(root / im["relpath"], size=cfg.voting_size) for im in images[start : start + step]
-            ]
+            batch = [load_image(root / im["relpath"], size=cfg.voting_size) for im in images[start : start + step]]
             feats.append(np.asarray(models.image_embedder.embed(batch), dtype=np.float32))
             advance(len(batch))
     emb = np.concatenate(feats)
@@ -345,9 +341,7 @@ def evolve_stage(
     state = run.state / "pe"
     resume = (state / "config.json").exists()
     with reporter.progress("evolve (rounds)", cfg.iterations) as advance:
-        completed = sum(
-            1 for t in range(cfg.iterations) if (state / f"round_{t:03d}" / "complete.json").exists()
-        )
+        completed = sum(1 for t in range(cfg.iterations) if (state / f"round_{t:03d}" / "complete.json").exists())
         advance(completed)
         pe = PrivateEvolution(generator, space, pe_cfg, state)
         try:
@@ -477,9 +471,7 @@ def synthesize(
     models = models or Models(cfg, run.state)
     try:
         if cfg.preset == "smoke":
-            reporter.warn(
-                "smoke preset: tiny random models, offline; the images are noise (it proves the install)"
-            )
+            reporter.warn("smoke preset: tiny random models, offline; the images are noise (it proves the install)")
         if cfg.voting == "text" and not run.stage_done("caption"):
             caption_stage(cfg, run, models, private_dir, reporter)
         elif cfg.voting == "image" and not (run.private / "manifest.json").exists():

@@ -19,9 +19,7 @@ if TYPE_CHECKING:
     from spti.rundir import RunDirectory
 
 
-def write_contact_sheet(
-    paths: Sequence[Path], out: Path, *, max_images: int = 64, thumb: int = 128
-) -> Path | None:
+def write_contact_sheet(paths: Sequence[Path], out: Path, *, max_images: int = 64, thumb: int = 128) -> Path | None:
     from PIL import Image
 
     chosen = [p for p in paths if p.exists()][:max_images]
@@ -54,9 +52,7 @@ def _fmt(value: Any) -> str:
 
 def write_report(run: RunDirectory, cfg: RunConfig, *, extra_sections: Sequence[str] = ()) -> Path:
     release = run.release
-    privacy = (
-        json.loads((release / "privacy.json").read_text()) if (release / "privacy.json").exists() else {}
-    )
+    privacy = json.loads((release / "privacy.json").read_text()) if (release / "privacy.json").exists() else {}
     captions = read_jsonl(release / "captions.jsonl") if (release / "captions.jsonl").exists() else []
     eps = privacy.get("epsilon", "?")
     statement = (

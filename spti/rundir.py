@@ -63,8 +63,7 @@ class RunDirectory:
             done = [s for s in STAGES if self.stage_done(s)]
             state = f"finished stages: {', '.join(done)}" if done else "an unfinished run"
             raise SptiError(
-                f"{self.root} already holds a run ({state}); "
-                "pass --resume to continue it, or choose a new --output"
+                f"{self.root} already holds a run ({state}); pass --resume to continue it, or choose a new --output"
             )
         if self.root.exists() and any(self.root.iterdir()):
             raise SptiError(f"{self.root} exists and is not an spti run directory; choose a new --output")
@@ -101,9 +100,7 @@ class RunDirectory:
                 continue
             if key in self.RESUMABLE_CHANGES:
                 values[key] = value
-            elif values.get(key) != value and not (
-                key == "epsilon" and values[key] == "inf" and value == float("inf")
-            ):
+            elif values.get(key) != value and not (key == "epsilon" and values[key] == "inf" and value == float("inf")):
                 raise SptiError(
                     f"cannot change {key.replace('_', '-')} when resuming {self.root} "
                     f"(run has {values.get(key)!r}, flag gives {value!r}); drop the flag or start a new run"

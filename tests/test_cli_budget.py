@@ -35,9 +35,7 @@ def test_default_delta_from_num_private_and_signal_warning() -> None:
     assert out["delta"] == pytest.approx(1 / (2000 * math.log(2000)))
     assert out["expected_votes_per_candidate"] == pytest.approx(2000 / 14000)
     assert "signal below noise" in out["warning"]
-    strong = run_json(
-        "--epsilon", "8", "--iterations", "2", "--num-private", "100000", "--population", "1000"
-    )
+    strong = run_json("--epsilon", "8", "--iterations", "2", "--num-private", "100000", "--population", "1000")
     assert strong["warning"] is None
 
 

@@ -85,9 +85,7 @@ def test_heterogeneous_rounds_exact_gdp_matches_pld() -> None:
 
 def test_pld_extra_release_costs_privacy() -> None:
     base = accounting.epsilon_pld([10.0] * 5, delta=1e-5)
-    with_extra = accounting.epsilon_pld(
-        [10.0] * 5, delta=1e-5, extra_events=[dp_accounting.LaplaceDpEvent(2.0)]
-    )
+    with_extra = accounting.epsilon_pld([10.0] * 5, delta=1e-5, extra_events=[dp_accounting.LaplaceDpEvent(2.0)])
     assert with_extra > base
 
 

@@ -48,9 +48,7 @@ def empirical_epsilon_lower_bound(scores_d: np.ndarray, scores_d_prime: np.ndarr
     return best
 
 
-def run_mechanism(
-    private: np.ndarray, candidates: np.ndarray, sigma: float, noise: GaussianNoise
-) -> np.ndarray:
+def run_mechanism(private: np.ndarray, candidates: np.ndarray, sigma: float, noise: GaussianNoise) -> np.ndarray:
     return np.array(
         [
             dp_histogram(

@@ -36,17 +36,13 @@ class SimulatedKillError(Exception):
 
 
 def config(**kw) -> PEConfig:
-    base = dict(
-        iterations=5, num_samples=20, epsilon=4.0, population_size=20, variation_folds=3, strength=0.7, seed=3
-    )
+    base = dict(iterations=5, num_samples=20, epsilon=4.0, population_size=20, variation_folds=3, strength=0.7, seed=3)
     base.update(kw)
     return PEConfig(**base)
 
 
 def make(tmp: Path, cfg: PEConfig, noise=None, generator=None) -> PrivateEvolution:
-    return PrivateEvolution(
-        generator or PointGenerator(), IdentityEmbedder(), cfg, tmp, noise=noise, backend="numpy"
-    )
+    return PrivateEvolution(generator or PointGenerator(), IdentityEmbedder(), cfg, tmp, noise=noise, backend="numpy")
 
 
 PRIVATE = private_points(300)
@@ -162,9 +158,7 @@ def test_schedules_and_unit_level(tmp_path: Path) -> None:
     cfg = config(iterations=3, population_size=(10, 15), strength=(1.0, 0.5), num_samples=12)
     sizes: list[int] = []
     units = np.arange(len(PRIVATE)) // 3  # three rows per unit
-    result = make(tmp_path, cfg).run(
-        PRIVATE, units=units, callbacks=[lambda r: sizes.append(len(r.population))]
-    )
+    result = make(tmp_path, cfg).run(PRIVATE, units=units, callbacks=[lambda r: sizes.append(len(r.population))])
     assert sizes == [40, 40, 60]
     assert len(result.samples) == 12 and result.num_units == 100
     meta = json.loads((tmp_path / "config.json").read_text())

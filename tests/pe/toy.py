@@ -27,9 +27,7 @@ class PointGenerator:
         rng = np.random.default_rng(seed)
         return rng.uniform(-10, 10, size=(n, 2)).tolist()
 
-    def vary(
-        self, samples: Sequence[list[float]], strength: float, *, seed: int | None = None
-    ) -> list[list[float]]:
+    def vary(self, samples: Sequence[list[float]], strength: float, *, seed: int | None = None) -> list[list[float]]:
         self.vary_calls += 1
         rng = np.random.default_rng(seed)
         x = np.asarray(samples, dtype=np.float64)

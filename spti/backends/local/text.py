@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from spti.backends.base import DEFAULT_CAPTION_PROMPT, ChatMessage, Conversation
-from spti.backends.local._common import batched, load_pretrained, require, resolve_device, resolve_dtype
+from spti.backends.local._common import (
+    batched,
+    load_pretrained,
+    require,
+    resolve_device,
+    resolve_dtype,
+    transformers_dtype_kwargs,
+)
 from spti.errors import SptiError
 
 if TYPE_CHECKING:
@@ -35,17 +42,31 @@ __all__ = ["HFCaptioner", "HFTextGenerator", "SentenceTransformerEmbedder"]
 _UNPROMPTED_CAPTIONERS = frozenset({"blip"})
 
 
-def _dtype_kwargs(dtype: torch.dtype) -> dict[str, Any]:
-    """``from_pretrained`` takes ``dtype`` since transformers 4.56 and ``torch_dtype`` before."""
-    import transformers
+def _pad_left(tokenizer: Any, model: str) -> None:
+    """Left padding for batched generation, with a pad token where the model ships none."""
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        # Many released LMs ship no pad token. Pad positions are masked out, so any id works; EOS (or
+        # UNK) avoids growing the embedding matrix.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token is None:
+        raise SptiError(f"the tokenizer of '{model}' has neither a pad, an EOS nor an UNK token")
 
-    major, minor = (int(p) for p in transformers.__version__.split(".")[:2])
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+
+def _load_for_inference(loader: Any, model: str, what: str, device: str, dtype: Any, trust_remote_code: bool) -> Any:
+    """``from_pretrained`` with device placement (on CUDA while loading), moved and set to eval."""
+    loaded = load_pretrained(
+        loader, model, what, trust_remote_code=trust_remote_code, **_placement_kwargs(device, dtype)
+    )
+    if not device.startswith("cuda"):
+        loaded.to(device)
+    loaded.eval()
+    return loaded
 
 
 def _placement_kwargs(device: str, dtype: torch.dtype) -> dict[str, Any]:
     """Load straight onto the GPU (no full CPU copy of a 16 GB model); CPU/MPS models are moved after."""
-    kwargs = _dtype_kwargs(dtype)
+    kwargs = transformers_dtype_kwargs(dtype)
     if device.startswith("cuda"):
         kwargs["device_map"] = device
     return kwargs
@@ -129,23 +150,10 @@ class HFTextGenerator(_LocalModel):
         )
         if not getattr(self.tokenizer, "chat_template", None):
             raise SptiError(f"the tokenizer of '{model}' has no chat template; use an instruction-tuned (chat) model")
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            # Many released LMs ship no pad token. Pad positions are masked out, so any id works; EOS (or
-            # UNK) avoids growing the embedding matrix.
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        if self.tokenizer.pad_token is None:
-            raise SptiError(f"the tokenizer of '{model}' has neither a pad, an EOS nor an UNK token")
-        self.model = load_pretrained(
-            AutoModelForCausalLM.from_pretrained,
-            model,
-            "language model",
-            trust_remote_code=trust_remote_code,
-            **_placement_kwargs(self.device, self.dtype),
+        _pad_left(self.tokenizer, model)
+        self.model = _load_for_inference(
+            AutoModelForCausalLM.from_pretrained, model, "language model", self.device, self.dtype, trust_remote_code
         )
-        if not self.device.startswith("cuda"):
-            self.model.to(self.device)
-        self.model.eval()
 
     # -- prompt rendering -------------------------------------------------------------------
     def render(self, conversation: Conversation) -> str:
@@ -264,19 +272,15 @@ class HFCaptioner(_LocalModel):
         self.tokenizer = getattr(self.processor, "tokenizer", None)
         if self.tokenizer is None:
             raise SptiError(f"'{model}' has no tokenizer in its processor; it is not an image-to-text model")
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token or self.tokenizer.unk_token
-        self.model = load_pretrained(
+        _pad_left(self.tokenizer, model)
+        self.model = _load_for_inference(
             AutoModelForImageTextToText.from_pretrained,
             model,
             "captioning model",
-            trust_remote_code=trust_remote_code,
-            **_placement_kwargs(self.device, self.dtype),
+            self.device,
+            self.dtype,
+            trust_remote_code,
         )
-        if not self.device.startswith("cuda"):
-            self.model.to(self.device)
-        self.model.eval()
         self.unprompted = self.model.config.model_type in _UNPROMPTED_CAPTIONERS
         self._takes_processor_kwargs = (
             "processor_kwargs" in inspect.signature(self.processor.apply_chat_template).parameters

@@ -91,7 +91,8 @@ def model_not_found(model: str, what: str, exc: BaseException | None = None) -> 
         f"cannot load {what} '{model}': it is not a local directory and is not in the Hugging Face cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub is unreachable. "
         "Download it on a connected machine (huggingface-cli download MODEL) and point HF_HOME at that "
-        "cache, or pass a local directory saved with save_pretrained."
+        "cache, or pass a local directory saved with save_pretrained. Offline, set HF_HUB_OFFLINE=1 to skip "
+        "the network retries."
     )
     if exc is not None:
         hint += f" ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''})"

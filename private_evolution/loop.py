@@ -249,7 +249,7 @@ class PrivateEvolution(Generic[S]):
         return [t for t in range(self.config.iterations) if (self.round_dir(t) / "complete.json").exists()]
 
     # -- set-up ----------------------------------------------------------------------------
-    def _prepare(self, private: np.ndarray, units: np.ndarray | None, resume: bool) -> tuple[PrivacyLedger, float]:
+    def _prepare(self, private: np.ndarray, units: np.ndarray | None, resume: bool) -> tuple[PrivacyLedger, float, int]:
         cfg = self.config
         num_units = int(private.shape[0]) if units is None else len(np.unique(np.asarray(units)))
         if num_units < 1:
@@ -286,7 +286,7 @@ class PrivateEvolution(Generic[S]):
         # The run refuses to start (or continue) when its remaining plan exceeds the budget.
         remaining = [t for t in range(cfg.iterations) if f"round_{t:03d}" not in ledger]
         ledger.check_plan([sigma] * len(remaining))
-        return ledger, sigma
+        return ledger, sigma, num_units
 
     # -- the loop --------------------------------------------------------------------------
     def run(
@@ -306,7 +306,7 @@ class PrivateEvolution(Generic[S]):
         units_arr = None if units is None else np.asarray(units)
         if units_arr is not None and units_arr.shape != (private.shape[0],):
             raise ValueError(f"units must have one id per private row ({private.shape[0]}), got {units_arr.shape}")
-        ledger, sigma = self._prepare(private, units_arr, resume)
+        ledger, sigma, num_units = self._prepare(private, units_arr, resume)
         resumed: list[int] = []
 
         population = self._initial_population()
@@ -365,7 +365,7 @@ class PrivateEvolution(Generic[S]):
             ledger=ledger,
             noise_multiplier=sigma,
             delta=delta,
-            num_units=int(private.shape[0]) if units_arr is None else len(np.unique(units_arr)),
+            num_units=num_units,
             rounds_resumed=resumed,
         )
 

@@ -431,7 +431,6 @@ def render(
     from spti.rundir import RunDirectory
 
     run = RunDirectory(run_dir)
-    cfg = run.load_config()
     post = _overrides(
         image_model=image_model,
         render_size=render_size,
@@ -441,12 +440,7 @@ def render(
         device=device,
         batch_size=batch_size,
     )
-    if post:
-        from spti.config import RunConfig
-
-        values = cfg.to_dict() | post
-        values["epsilon"] = float(values["epsilon"])
-        cfg = RunConfig(**values).validate()
+    cfg = run.reopen(post, also_allowed=RunDirectory.RENDER_CHANGES)
     models = Models(cfg, run.state)
     try:
         paths = render_stage(cfg, run, models, Reporter(quiet=quiet))

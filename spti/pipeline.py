@@ -22,7 +22,13 @@ from typing import Any
 
 import numpy as np
 
-from private_evolution._io import atomic_save_npy, atomic_write_bytes, atomic_write_jsonl, read_jsonl
+from private_evolution._io import (
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_json,
+    atomic_write_jsonl,
+    read_jsonl,
+)
 from spti.config import RunConfig
 from spti.errors import SptiError
 from spti.rundir import RunDirectory
@@ -77,10 +83,8 @@ def _scan(cfg: RunConfig, private_dir: Path, run: RunDirectory, reporter: Report
     from spti.data import check_output_location, scan_private_folder
 
     check_output_location(private_dir, run.root)
-    skipped_lines: list[str] = []
 
     def on_skip(item: Any) -> None:
-        skipped_lines.append(f"skipped {item.relpath}: {item.reason}")
         reporter.warn(f"skipped {item.relpath}: {item.reason}")
 
     folder = scan_private_folder(private_dir, privacy_unit=cfg.privacy_unit, on_skip=on_skip)  # type: ignore[arg-type]
@@ -92,8 +96,6 @@ def _scan(cfg: RunConfig, private_dir: Path, run: RunDirectory, reporter: Report
         "skipped": [{"relpath": s.relpath, "reason": s.reason} for s in folder.skipped],
         "summary": folder.summary(),
     }
-    from private_evolution._io import atomic_write_json
-
     atomic_write_json(run.private / "manifest.json", manifest)
     reporter.info(
         f"private folder: {len(folder.images)} images in {folder.num_units} privacy units "
@@ -281,7 +283,6 @@ def evolve_stage(
     captions_file: Path | None = None,
 ) -> list[dict[str, Any]]:
     from private_evolution import BudgetExceededError, PrivateEvolution, RunStateError
-    from private_evolution.accounting import check_delta_for_units, default_delta
     from spti.text_evolution import (
         FeatureCache,
         LLMDescriptionGenerator,
@@ -292,11 +293,12 @@ def evolve_stage(
 
     private, units = _private_votes(cfg, run, models, reporter, captions_file)
     num_units = len(np.unique(units))
+    pe_cfg = pe_config(cfg)
     try:
-        delta = cfg.delta if cfg.delta is not None else default_delta(num_units)
-        check_delta_for_units(delta, num_units)
+        delta = pe_cfg.resolve_delta(num_units)
     except ValueError as exc:
         raise SptiError(f"too few privacy units ({num_units}) for the requested privacy: {exc}") from None
+    sigma = pe_cfg.resolve_noise_multiplier(delta)
 
     generator = LLMDescriptionGenerator(
         models.llm,
@@ -324,10 +326,6 @@ def evolve_stage(
             cache=FeatureCache(run.state / "vote_features.sqlite"),
             tag=f"{cfg.image_model}|{cfg.image_embedder}",
         )
-    pe_cfg = pe_config(cfg)
-    from private_evolution import accounting
-
-    sigma = accounting.noise_multiplier(epsilon=cfg.epsilon, delta=delta, rounds=cfg.iterations)
     reporter.info(
         f"evolve: {cfg.iterations} rounds, σ={sigma:.4g} per round, N={num_units} units, "
         f"{pe_cfg.population_at(1) if cfg.iterations > 1 else pe_cfg.population_at(0)} candidates a round, "
@@ -354,8 +352,6 @@ def evolve_stage(
     ]
     atomic_write_jsonl(run.release / "captions.jsonl", rows)
     privacy = privacy_statement(cfg, result, models, generator.stats.as_dict())
-    from private_evolution._io import atomic_write_json
-
     atomic_write_json(run.release / "privacy.json", privacy)
     run.mark("evolve", epsilon=privacy["epsilon"], num_samples=len(rows))
     reporter.info(f"evolve: released {len(rows)} descriptions at ε={privacy['epsilon']:.4g}, δ={delta:.3g}")

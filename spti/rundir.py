@@ -87,18 +87,26 @@ class RunDirectory:
         }
     )
 
-    def reopen(self, overrides: dict[str, Any] | None = None) -> RunConfig:
+    # Settings of the render stage: post-processing of the release, free to change afterwards.
+    RENDER_CHANGES = frozenset(
+        {"image_model", "render_size", "upscaler", "upscale", "upscaler_model", "steps", "guidance"}
+    )
+
+    def reopen(
+        self, overrides: dict[str, Any] | None = None, *, also_allowed: frozenset[str] = frozenset()
+    ) -> RunConfig:
         """The saved config of an existing run, with execution-only ``overrides`` applied.
 
         A flag that would change what the run computes (ε, models, population…) is refused: the
-        ledger and checkpoints belong to the settings the run started with.
+        ledger and checkpoints belong to the settings the run started with. ``also_allowed`` names
+        further settings a caller may change (e.g. :attr:`RENDER_CHANGES` for ``spti render``).
         """
         saved = self.load_config()
         values = saved.to_dict()
         for key, value in (overrides or {}).items():
             if value is None or key == "preset":
                 continue
-            if key in self.RESUMABLE_CHANGES:
+            if key in self.RESUMABLE_CHANGES or key in also_allowed:
                 values[key] = value
             elif values.get(key) != value and not (key == "epsilon" and values[key] == "inf" and value == float("inf")):
                 raise SptiError(

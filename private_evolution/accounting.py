@@ -23,7 +23,7 @@ from typing import Any
 import dp_accounting
 from dp_accounting.pld import pld_privacy_accountant
 
-from private_evolution._io import atomic_write_text
+from private_evolution.files import atomic_write_text
 
 __all__ = [
     "BudgetExceededError",

@@ -22,7 +22,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from private_evolution import accounting
-from private_evolution._io import (
+from private_evolution.accounting import PrivacyLedger
+from private_evolution.files import (
     atomic_save_npy,
     atomic_save_npz,
     atomic_write_json,
@@ -30,7 +31,6 @@ from private_evolution._io import (
     load_npz,
     read_jsonl,
 )
-from private_evolution.accounting import PrivacyLedger
 from private_evolution.histogram import Backend, Metric, NoiseSource, NoisyHistogram, dp_histogram
 from private_evolution.population import Population, Selection, derive_seed, next_generation, select
 from private_evolution.protocols import Embedder, Generator

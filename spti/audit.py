@@ -876,7 +876,7 @@ def run_canary_audit(
     ``pipeline(cfg, private_dir, run_directory, reporter)`` defaults to :func:`spti.pipeline.synthesize`;
     tests pass a deliberately leaky one to show the audit catches a leak.
     """
-    from private_evolution._io import atomic_write_json
+    from private_evolution.files import atomic_write_json
     from spti.rundir import RunDirectory
 
     s = (settings or AuditSettings()).validate()
@@ -1066,7 +1066,7 @@ def run_audit(
     Returns the JSON-safe result (what ``audit.json`` holds). Nothing is written outside
     ``RUN_DIR/private/``.
     """
-    from private_evolution._io import atomic_write_json, atomic_write_jsonl, read_jsonl
+    from private_evolution.files import atomic_write_json, atomic_write_jsonl, read_jsonl
     from spti.rundir import RunDirectory
 
     s = (settings or AuditSettings()).validate()
@@ -1142,7 +1142,7 @@ def run_audit(
     run.ensure_private()
     atomic_write_jsonl(run.private / "audit_neighbours.jsonl", _neighbour_rows(released, private, features, pixel))
     atomic_write_json(run.private / "audit.json", result)
-    from private_evolution._io import atomic_write_text
+    from private_evolution.files import atomic_write_text
 
     atomic_write_text(
         run.private / "audit.html",

@@ -389,7 +389,7 @@ def evolve(
 
 def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
     """Copy user-provided private captions into private/ in the run's format (caption + unit)."""
-    from private_evolution._io import atomic_write_jsonl
+    from private_evolution.files import atomic_write_jsonl
 
     rows = []
     with path.open(encoding="utf-8") as fh:

@@ -779,7 +779,7 @@ def evaluate_run(
     json_path = run.private / "evaluation.json"
     html_path = run.private / "evaluation.html"
     report["outputs"] = {"json": str(json_path), "html": str(html_path)}
-    from private_evolution._io import atomic_write_json, atomic_write_text
+    from private_evolution.files import atomic_write_json, atomic_write_text
 
     atomic_write_json(json_path, report)
     atomic_write_text(html_path, render_html(report, plot_data))

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from private_evolution._io import (
+from private_evolution.files import (
     atomic_save_npy,
     atomic_write_bytes,
     atomic_write_json,

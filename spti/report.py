@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from private_evolution._io import atomic_write_bytes, atomic_write_text, read_jsonl
+from private_evolution.files import atomic_write_bytes, atomic_write_text, read_jsonl
 
 if TYPE_CHECKING:
     from spti.config import RunConfig

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from private_evolution._io import atomic_write_json, atomic_write_text
+from private_evolution.files import atomic_write_json, atomic_write_text
 from spti.config import RunConfig, config_from_saved
 from spti.errors import SptiError
 

@@ -11,6 +11,8 @@ Decisions that matter for the DP guarantee:
 
 - **One file, one vote.** The same file reached twice (a hard link, or a followed symlink) is kept
   once; otherwise one image would silently count twice and the sensitivity analysis would be wrong.
+  With folder units, a file reached from two different units is refused: kept for one of them, it
+  would stay in the data when the other person is removed.
 - **Symlinks are not followed by default.** A link can point at private data outside the folder the
   user chose; with ``follow_symlinks=True`` only links that resolve inside the folder are followed.
 - **Privacy units come from the folder layout only** (the first path component for ``"folder"``),
@@ -247,6 +249,8 @@ def scan_private_folder(
 
     candidates = list(_walk(base, follow_symlinks=follow_symlinks, skip=skip))
     preferred = _preferred_copies(candidates)
+    if privacy_unit == "folder":
+        _check_one_unit_per_file(base, candidates, preferred)
 
     images: list[PrivateImage] = []
     for count, cand in enumerate(sorted(candidates, key=lambda c: c.relpath), start=1):
@@ -373,6 +377,26 @@ def _preferred_copies(candidates: list[_Candidate]) -> dict[tuple[int, int], str
         if cand.file_id is not None and cand.file_id not in best:
             best[cand.file_id] = cand
     return {key: cand.relpath for key, cand in best.items()}
+
+
+def _folder_unit(relpath: str) -> str:
+    return relpath.split("/", 1)[0]
+
+
+def _check_one_unit_per_file(base: Path, candidates: list[_Candidate], preferred: dict[tuple[int, int], str]) -> None:
+    """Refuse a file reachable from two folder units (a hard link or a followed symlink).
+
+    Keeping it once would give it to one unit only, so removing the other person would leave one
+    of their images in the data: the add/remove-one-unit guarantee would not hold for them.
+    """
+    for cand in sorted(candidates, key=lambda c: c.relpath):
+        keeper = preferred.get(cand.file_id) if cand.file_id is not None else None
+        if keeper is not None and _folder_unit(keeper) != _folder_unit(cand.relpath):
+            raise SptiError(
+                f"{base / cand.relpath} is the same file as {base / keeper} (privacy units "
+                f"{_folder_unit(cand.relpath)!r} and {_folder_unit(keeper)!r}); a file may belong to one privacy "
+                "unit only: copy it or remove one link"
+            )
 
 
 def _no_image_message(base: Path, skipped: list[SkippedFile]) -> str:

@@ -246,18 +246,74 @@ def test_follow_symlinks_only_inside_the_folder(bad_folder: Path) -> None:
     assert _reasons(default)["bob/again.png"] == "symlink (not followed)"
     assert _reasons(default)["dave/hard.png"] == "duplicate: same file as alice/001.png (hard link or symlink)"
 
-    folder = scan_private_folder(bad_folder, follow_symlinks=True, privacy_unit="folder")
+    folder = scan_private_folder(bad_folder, follow_symlinks=True, privacy_unit="image")
     reasons = _reasons(folder)
     assert reasons["carol/link_out.jpg"] == "symlink pointing outside the folder (not followed)"
     assert reasons["carol/loop.jpg"] == "broken symlink or symlink loop"
     assert reasons["alice/nested/up"] == "symlink to a folder already scanned (a loop or a second path)"
     assert reasons["dave/alias"] == reasons["alice/nested/up"]
-    # each file votes once, from its real location (so its unit does not depend on a link)
+    # each file votes once, from its real location
     assert reasons["bob/again.png"].startswith("duplicate: same file as alice/001.png")
     assert reasons["dave/hard.png"].startswith("duplicate: same file as alice/001.png")
     assert reasons["alice/later/photo"] == "duplicate: same file as dave/photo (hard link or symlink)"
     assert reasons["alice/later/hard.png"].startswith("duplicate: same file as alice/001.png")
     assert [im.relpath for im in folder.images] == KEPT
+    # with folder units these links put one file in several units: refused (see below)
+    with pytest.raises(SptiError, match="a file may belong to one privacy unit only"):
+        scan_private_folder(bad_folder, follow_symlinks=True, privacy_unit="folder")
+
+
+def _two_people(tmp_path: Path) -> Path:
+    root = write_example_folder(tmp_path / "private", num_people=2, images_per_person=2, size=16)
+    assert sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")) == [
+        "person_01/001.png",
+        "person_01/002.png",
+        "person_02/001.png",
+        "person_02/002.png",
+    ]
+    return root
+
+
+def test_folder_units_refuse_a_hard_link_across_units(tmp_path: Path) -> None:
+    """Removing one person must remove all of their images: a file shared by two units cannot vote."""
+    root = _two_people(tmp_path)
+    os.link(root / "person_01" / "001.png", root / "person_02" / "shared.png")
+    with pytest.raises(SptiError) as info:
+        scan_private_folder(root, privacy_unit="folder")
+    message = str(info.value)
+    assert "\n" not in message
+    assert f"{root / 'person_02' / 'shared.png'} is the same file as {root / 'person_01' / '001.png'}" in message
+    assert message.endswith("a file may belong to one privacy unit only: copy it or remove one link")
+    # under image units the link is simply the same image twice: kept once
+    folder = scan_private_folder(root, privacy_unit="image")
+    assert len(folder.images) == 4
+    assert _reasons(folder)["person_02/shared.png"].startswith("duplicate: same file as person_01/001.png")
+
+
+def test_folder_units_refuse_a_followed_symlink_across_units(tmp_path: Path) -> None:
+    root = _two_people(tmp_path)
+    _symlink(root / "person_02" / "alias.png", "../person_01/002.png")
+    assert len(scan_private_folder(root, privacy_unit="folder").images) == 4  # not followed: no conflict
+    with pytest.raises(SptiError, match=r"alias\.png is the same file as .*person_01/002\.png"):
+        scan_private_folder(root, privacy_unit="folder", follow_symlinks=True)
+
+
+def test_folder_units_keep_a_second_link_within_one_unit_once(tmp_path: Path) -> None:
+    root = _two_people(tmp_path)
+    os.link(root / "person_01" / "001.png", root / "person_01" / "again.png")
+    _symlink(root / "person_02" / "same.png", "002.png")
+    folder = scan_private_folder(root, privacy_unit="folder", follow_symlinks=True)
+    assert [im.relpath for im in folder.images] == [
+        "person_01/001.png",
+        "person_01/002.png",
+        "person_02/001.png",
+        "person_02/002.png",
+    ]
+    assert folder.num_units == 2
+    assert _reasons(folder) == {
+        "person_01/again.png": "duplicate: same file as person_01/001.png (hard link or symlink)",
+        "person_02/same.png": "duplicate: same file as person_02/002.png (hard link or symlink)",
+    }
 
 
 def test_special_files_are_skipped_without_blocking(tmp_path: Path) -> None:

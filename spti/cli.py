@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -181,7 +182,13 @@ def _overrides(**flags: object) -> dict[str, object]:
     return out
 
 
+@contextmanager
 def _open_run(output: Path, preset: str | None, config_file: Path | None, overrides: dict, resume: bool):  # type: ignore[no-untyped-def]
+    """The run directory and its config, held exclusively (:meth:`RunDirectory.lock`) until the block ends.
+
+    A new run directory is created by the lock holder only: settings and the folder are checked
+    first (writing nothing), then the empty folder is made, locked, and the run created in it.
+    """
     from spti.config import resolve_config
     from spti.rundir import RunDirectory
 
@@ -189,9 +196,26 @@ def _open_run(output: Path, preset: str | None, config_file: Path | None, overri
     if resume:
         if not run.exists():
             raise SptiError(f"--resume: {run.root} holds no run to continue; drop --resume to start one")
-        return run, run.reopen(overrides)
+        with run.lock():
+            yield run, run.reopen(overrides)
+        return
     cfg = resolve_config(preset=preset, config_file=config_file, overrides=overrides)
-    return run, run.create(cfg)
+    run.check_creatable()
+    run.root.mkdir(parents=True, exist_ok=True)
+    with run.lock():
+        yield run, run.create(cfg)
+
+
+@contextmanager
+def _existing_run(run_dir: Path):  # type: ignore[no-untyped-def]
+    """An existing run directory, held exclusively until the block ends (nothing is created in a foreign folder)."""
+    from spti.rundir import RunDirectory
+
+    run = RunDirectory(run_dir)
+    if not run.exists():
+        raise SptiError(f"{run.root} is not an spti run directory (no config.toml)")
+    with run.lock():
+        yield run
 
 
 def _check_private_dir(private_dir: Path) -> Path:
@@ -275,8 +299,8 @@ def synthesize(
         concurrency=concurrency,
         seed=seed,
     )
-    run, cfg = _open_run(output, preset, config, overrides, resume)
-    summary = run_pipeline(cfg, private, run, Reporter(quiet=quiet))
+    with _open_run(output, preset, config, overrides, resume) as (run, cfg):
+        summary = run_pipeline(cfg, private, run, Reporter(quiet=quiet))
     eps, dlt = summary.privacy.get("epsilon"), summary.privacy.get("delta")
     typer.echo(f"released {len(summary.images)} images to {run.release} (epsilon={eps}, delta={dlt:.3g})")
 
@@ -312,12 +336,12 @@ def caption(
         device=device,
         batch_size=batch_size,
     )
-    run, cfg = _open_run(output, preset, config, overrides, resume)
-    models = Models(cfg, run.state)
-    try:
-        caption_stage(cfg, run, models, private, Reporter(quiet=quiet))
-    finally:
-        models.close()
+    with _open_run(output, preset, config, overrides, resume) as (run, cfg):
+        models = Models(cfg, run)
+        try:
+            caption_stage(cfg, run, models, private, Reporter(quiet=quiet))
+        finally:
+            models.close()
     typer.echo(f"captions written to {run.private / 'captions.jsonl'} (private: never share)")
 
 
@@ -368,30 +392,36 @@ def evolve(
         if not captions.exists():
             raise SptiError(f"captions file {captions} does not exist")
         overrides["voting"] = "text"
-        run, cfg = _open_run(output, preset, config, overrides, resume)
-        _import_captions(captions, run)
+        session = _open_run(output, preset, config, overrides, resume)
     else:
         if run_dir is None:
             raise SptiError("give a RUN_DIR from `spti caption`, or --captions FILE --output RUN_DIR")
-        from spti.rundir import RunDirectory
-
-        run = RunDirectory(run_dir)
-        cfg = run.reopen(overrides)
-        if run.stage_done("evolve") and not resume:
+        session = _existing_run_config(run_dir, overrides)
+    with session as (run, cfg):
+        if captions is not None:
+            _import_captions(captions, run)
+        elif run.stage_done("evolve") and not resume:
             raise SptiError(f"{run.root} has already released its descriptions; use a new run directory")
-    models = Models(cfg, run.state)
-    try:
-        evolve_stage(cfg, run, models, Reporter(quiet=quiet))
-    finally:
-        models.close()
+        models = Models(cfg, run)
+        try:
+            evolve_stage(cfg, run, models, Reporter(quiet=quiet))
+        finally:
+            models.close()
     typer.echo(f"released descriptions: {run.release / 'captions.jsonl'}")
+
+
+@contextmanager
+def _existing_run_config(run_dir: Path, overrides: dict, also_allowed: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
+    with _existing_run(run_dir) as run:
+        yield run, run.reopen(overrides, also_allowed=also_allowed)
 
 
 def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
     """Copy user-provided private captions into private/ in the run's format (caption + unit)."""
-    from private_evolution.files import atomic_write_jsonl
+    from private_evolution.files import atomic_write_json, atomic_write_jsonl
 
     rows = []
+    all_have_units = True
     with path.open(encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
             if not line.strip():
@@ -403,13 +433,22 @@ def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
             text = row.get("caption") or row.get("text")
             if not isinstance(text, str) or not text.strip():
                 raise SptiError(f"{path}:{lineno} has no 'caption' (or 'text') string")
+            all_have_units = all_have_units and row.get("unit") is not None
             unit = str(row.get("unit", row.get("id", lineno)))
             rows.append({"relpath": str(row.get("id", lineno)), "unit": unit, "caption": " ".join(text.split())})
     if not rows:
         raise SptiError(f"{path} holds no captions")
     run.ensure_private()
     atomic_write_jsonl(run.private / "captions.jsonl", rows)
-    run.mark("caption", images=len(rows), failed=0, skipped=0, source=str(path))
+    # how many captions (private) stays under private/; stages.json (state/) holds public facts only
+    atomic_write_json(
+        run.private / "caption_stats.json", {"images": len(rows), "captioned": len(rows), "failed": 0, "skipped": 0}
+    )
+    source = run.CAPTIONS_FILE_UNITS
+    if not all_have_units:
+        source += " (rows without one: their 'id', else their line number)"
+    run.record_unit_source(source)
+    run.mark("caption", source="captions file")
 
 
 @app.command()
@@ -430,7 +469,6 @@ def render(
     from spti.pipeline import Reporter, render_stage
     from spti.rundir import RunDirectory
 
-    run = RunDirectory(run_dir)
     post = _overrides(
         image_model=image_model,
         render_size=render_size,
@@ -440,12 +478,12 @@ def render(
         device=device,
         batch_size=batch_size,
     )
-    cfg = run.reopen(post, also_allowed=RunDirectory.RENDER_CHANGES)
-    models = Models(cfg, run.state)
-    try:
-        paths = render_stage(cfg, run, models, Reporter(quiet=quiet))
-    finally:
-        models.close()
+    with _existing_run_config(run_dir, post, RunDirectory.RENDER_CHANGES) as (run, cfg):
+        models = Models(cfg, run)
+        try:
+            paths = render_stage(cfg, run, models, Reporter(quiet=quiet))
+        finally:
+            models.close()
     typer.echo(f"rendered {len(paths)} images in {run.release / 'images'}")
 
 

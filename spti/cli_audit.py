@@ -55,6 +55,20 @@ def parse_features(value: str) -> tuple[str, ...]:
     return specs
 
 
+def canary_cost_line(run: Any) -> str:
+    """What ``--canaries`` costs, said before any work: two more runs on the same private data."""
+    import math
+
+    eps = run.load_config().epsilon
+    each = f"ε={eps:g}" if math.isfinite(eps) else "ε=inf (no privacy)"
+    total = f"2×{eps:g} = {2 * eps:g}" if math.isfinite(eps) else "inf"
+    return (
+        f"audit --canaries: reruns the pipeline twice on the same private data ({each} each), so it spends up to "
+        f"twice the run's ε again ({total} more, on top of the run's own); its outputs stay in "
+        f"{run.private / 'canary_audit'} and must never be shared"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add the ``audit`` command to ``app``."""
 
@@ -88,11 +102,19 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Look for memorised images and copied captions in a release. Results are NOT DP: owner only."""
         from spti.audit import AuditSettings, run_audit
+        from spti.errors import SptiError
         from spti.pipeline import Reporter
+        from spti.rundir import RunDirectory
 
         settings = AuditSettings(features=parse_features(features), percentile=percentile, seed=seed, device=device)
-        reporter = Reporter(quiet=quiet or as_json)
-        result = run_audit(run_dir, private, settings=settings, canaries=canaries, reporter=reporter)
+        run = RunDirectory(run_dir)
+        if not run.exists():
+            raise SptiError(f"{run.root} is not an spti run directory (no config.toml)")
+        with run.lock():  # it writes under private/: one process at a time
+            if canaries:
+                typer.echo(canary_cost_line(run), err=True)
+            reporter = Reporter(quiet=quiet or as_json)
+            result = run_audit(run_dir, private, settings=settings, canaries=canaries, reporter=reporter)
         out = Path(result["run_dir"]) / "private"
         if as_json:
             typer.echo(json.dumps(result))

@@ -78,25 +78,31 @@ def evaluate(
 ) -> None:
     """Compare the release with the private data (FID, FD-DINOv2/CLIP, precision/recall, CLIP score,
     wavelet spectra, text FD). NOT differentially private: for the data owner only."""
+    from spti.errors import SptiError
     from spti.evaluate import NOT_DP_WARNING, evaluate_run, headline, parse_metrics
+    from spti.rundir import RunDirectory
 
     chosen = parse_metrics(metrics)
 
     def say(message: str) -> None:
         typer.echo(f"evaluate: {message}", err=True)
 
-    report = evaluate_run(
-        run_dir,
-        private,
-        chosen,
-        device=device,
-        inception_weights=inception_weights,
-        clip_model=clip_model,
-        dinov2_model=dinov2_model,
-        text_model=text_model,
-        max_images=max_images,
-        progress=say,
-    )
+    run = RunDirectory(run_dir)
+    if not run.exists():
+        raise SptiError(f"{run.root} is not an spti run directory (no config.toml)")
+    with run.lock():  # it writes private/evaluation.*: one process at a time
+        report = evaluate_run(
+            run_dir,
+            private,
+            chosen,
+            device=device,
+            inception_weights=inception_weights,
+            clip_model=clip_model,
+            dinov2_model=dinov2_model,
+            text_model=text_model,
+            max_images=max_images,
+            progress=say,
+        )
     typer.secho(f"warning: {NOT_DP_WARNING}", fg="red", bold=True, err=True)
     if as_json:
         typer.echo(json.dumps(report, ensure_ascii=False))

@@ -114,14 +114,16 @@ def _load_manifest(run: RunDirectory) -> dict[str, Any]:
 
 
 def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: Path, reporter: Reporter) -> None:
+    from private_evolution.files import open_private_append
     from spti.data import load_image
 
     folder = _scan(cfg, private_dir, run, reporter)
     out_path = run.private / "captions.jsonl"
     done: dict[str, dict[str, Any]] = {}
     if out_path.exists():
-        for row in _read_jsonl_tolerant(out_path):
-            done[row["relpath"]] = row
+        for row in _read_captions(out_path, reporter, repair=True):
+            if "relpath" in row:
+                done[row["relpath"]] = row
     todo = [im for im in folder.images if im.relpath not in done]
     if not todo:
         reporter.info("caption: all private images already captioned")
@@ -134,7 +136,7 @@ def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: P
         prompt = _prompts(cfg).caption_prompt
         batch = max(1, cfg.batch_size if cfg.provider == "local" else cfg.concurrency)
         with (
-            out_path.open("a", encoding="utf-8") as fh,
+            open_private_append(out_path) as fh,
             reporter.progress("caption", len(folder.images)) as advance,
         ):
             advance(len(folder.images) - len(todo))
@@ -173,7 +175,19 @@ def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: P
     failed = sum(1 for r in done.values() if not r.get("caption"))
     if failed:
         reporter.warn(f"{failed} private images could not be captioned; they do not vote")
-    run.mark("caption", images=len(folder.images), failed=failed, skipped=len(folder.skipped))
+    # exact counts of private files stay under private/; stages.json (state/) holds public facts only
+    atomic_write_json(
+        run.private / "caption_stats.json",
+        {
+            "images": len(folder.images),
+            "captioned": len(folder.images) - failed,
+            "failed": failed,
+            "skipped": len(folder.skipped),
+        },
+    )
+    run.seal_private()
+    run.record_private_endpoints("caption", models.endpoints)
+    run.mark("caption")
 
 
 def _clean_caption(text: str | None) -> str | None:
@@ -183,16 +197,15 @@ def _clean_caption(text: str | None) -> str | None:
     return text or None
 
 
-def _read_jsonl_tolerant(path: Path) -> list[dict[str, Any]]:
-    """Rows of an append-only JSONL file; a torn last line (a kill mid-write) is ignored."""
-    rows = []
-    with path.open(encoding="utf-8") as fh:
-        for line in fh:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
-    return rows
+def _read_captions(path: Path, reporter: Any, *, repair: bool = False) -> list[dict[str, Any]]:
+    """Rows of the append-only captions file: a torn last line (a kill mid-write) is ignored (and cut
+    off with ``repair``), a bad line in the middle is skipped with a warning; the rows after it count."""
+    from private_evolution.files import recover_jsonl
+
+    found = recover_jsonl(path, repair=repair)
+    for lineno in found.bad_lines:
+        reporter.warn(f"{path}, line {lineno}: not a JSON object; skipped (the other lines are used)")
+    return found.rows
 
 
 def _prompts(cfg: RunConfig) -> Any:
@@ -213,7 +226,7 @@ def _private_votes(
         source = captions_file or run.private / "captions.jsonl"
         if not source.exists():
             raise SptiError(f"no private captions at {source}; run the caption stage first")
-        rows = [r for r in _read_jsonl_tolerant(source) if r.get("caption")]
+        rows = [r for r in _read_captions(source, reporter) if r.get("caption")]
         if not rows:
             raise SptiError(f"{source} holds no usable captions")
         units = np.array([str(r.get("unit", r.get("relpath", i))) for i, r in enumerate(rows)])
@@ -444,6 +457,7 @@ def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Repor
 
     write_contact_sheet(paths, run.release / "contact_sheet.png")
     write_report(run, cfg)
+    run.share_release()
     run.mark("render", images=len(paths), resolution=final)
     return paths
 
@@ -464,7 +478,7 @@ def synthesize(
 ) -> RunSummary:
     from spti.backends.factory import Models
 
-    models = models or Models(cfg, run.state)
+    models = models or Models(cfg, run)
     try:
         if cfg.preset == "smoke":
             reporter.warn("smoke preset: tiny random models, offline; the images are noise (it proves the install)")

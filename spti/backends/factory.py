@@ -26,17 +26,31 @@ if TYPE_CHECKING:
         Upscaler,
     )
     from spti.config import RunConfig
+    from spti.rundir import RunDirectory
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINOV2 = "facebook/dinov2-small"
 
 
 class Models:
-    """The run's models, each built on first use. ``endpoints`` records where private data went."""
+    """The run's models, each built on first use. ``endpoints`` records where private data went.
 
-    def __init__(self, config: RunConfig, state_dir: str | Path) -> None:
+    ``run`` is the run directory: tiny models are built in its ``state/``, and the hosted
+    provider's request cache lives in its ``private/`` (it holds captions of private images
+    verbatim and embeddings of private captions). A plain folder instead of a run directory is
+    taken as the state folder, and then nothing is cached (there is no private folder to put it in).
+    """
+
+    def __init__(self, config: RunConfig, run: RunDirectory | str | Path) -> None:
+        from spti.rundir import RunDirectory
+
         self.cfg = config
-        self.state_dir = Path(state_dir)
+        if isinstance(run, RunDirectory):
+            self.state_dir = run.state
+            self.private_dir: Path | None = run.private
+        else:
+            self.state_dir = Path(run)
+            self.private_dir = None
         self.endpoints: dict[str, str] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -72,6 +86,11 @@ class Models:
     def _local_kwargs(self) -> dict[str, Any]:
         return {"device": self.cfg.device, "dtype": self.cfg.dtype, "batch_size": self.cfg.batch_size}
 
+    @property
+    def request_cache_path(self) -> Path | None:
+        """``RUN_DIR/private/requests.sqlite``: answers hold private captions, so never in ``state/``."""
+        return self.private_dir / "requests.sqlite" if self.private_dir is not None else None
+
     @cached_property
     def openai_backend(self) -> Any:
         """One client for every hosted model: one connection pool, shared rate limits, one usage report."""
@@ -79,7 +98,7 @@ class Models:
 
         return OpenAIBackend(
             base_url=self.cfg.base_url,
-            cache_path=self.state_dir / "requests.sqlite",
+            cache_path=self.request_cache_path,
             max_concurrency=self.cfg.concurrency,
             requests_per_minute=self.cfg.requests_per_minute,
             tokens_per_minute=self.cfg.tokens_per_minute,

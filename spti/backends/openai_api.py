@@ -441,7 +441,7 @@ class ConnectionOptions(TypedDict, total=False):
     drain_timeout: float
     """On Ctrl-C, seconds to let requests in flight finish so their answers are cached."""
     cache_path: str | Path | None
-    """Request cache file (e.g. ``RUN/state/requests.sqlite``); ``None`` caches nothing."""
+    """Request cache file (``RUN/private/requests.sqlite``: it holds private answers); ``None`` caches nothing."""
     cache: RequestCache | None
     """An open :class:`RequestCache` to share instead of ``cache_path``."""
     prices: Mapping[str, ModelPrice] | None

@@ -7,8 +7,8 @@ model, request body, parameters and the caller's item key), the moment it arrive
 
 What is stored: the key (a hash), endpoint, model, the response payload and its token usage.
 Never the request itself (private images stay out of this file) and never credentials. The
-responses can still be private (captions of private images), so the file belongs in the run's
-private state, never in ``release/``.
+responses can still be private (captions of private images, embeddings of private captions), so
+the file lives in ``RUN_DIR/private/``, owner-only (0600, and so are its -wal/-shm files).
 
 Concurrency: one connection guarded by a lock, so any thread (the provider's event-loop thread,
 the caller's thread) can use it; WAL mode and a busy timeout let a second process read while
@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import sqlite3
 import threading
 import time
@@ -87,6 +88,24 @@ def cache_key(*, endpoint: str, model: str, request: Mapping[str, Any], item_key
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def _create_owner_only(path: Path) -> None:
+    """Create the database file 0600 before SQLite opens it: its -wal and -shm files copy that mode.
+
+    An existing cache made with a looser mode (older spti) is tightened, with its side files.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        side = path.with_name(path.name + suffix)
+        with contextlib.suppress(FileNotFoundError):
+            if side.stat().st_mode & 0o077:
+                os.chmod(side, 0o600)
+
+
 class RequestCache:
     """SQLite-backed map from request hash to response; safe to share between threads.
 
@@ -97,6 +116,7 @@ class RequestCache:
         self.path = str(path)
         if self.path != ":memory:":
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+            _create_owner_only(Path(self.path))
         try:
             self._conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")

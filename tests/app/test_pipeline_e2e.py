@@ -246,4 +246,4 @@ def test_openai_provider_end_to_end_with_faults_and_resume(private_folder: Path,
         resumed = synth(private_folder, out, "--resume")
         assert resumed.exit_code == 0, resumed.output
         assert server.stats.snapshot()["requests"] == before["requests"]
-    assert b"sk-test-not-a-real-key" not in (out / "state" / "requests.sqlite").read_bytes()
+    assert b"sk-test-not-a-real-key" not in (out / "private" / "requests.sqlite").read_bytes()

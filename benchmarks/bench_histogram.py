@@ -31,7 +31,7 @@ BODIES = {
 from private_evolution import histogram as H
 t = time.perf_counter(); h = H.clean_vote_histogram(q, y, k=1); s = time.perf_counter() - t
 assert abs(h.sum() - {n}) < 1e-6
-backend = next(iter(H._CPU_CHOICE.values()), H._resolve_backend("auto", q, y, None))
+backend = H._resolve_backend("auto", q, y, None)
 print(json.dumps({{"seconds": s, "peak_rss_mb": peak_mb(), "data_mb": base_mb, "backend": backend}}))
 """,
     "ours-numpy": """

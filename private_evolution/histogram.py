@@ -6,6 +6,9 @@ person), a unit's rows' votes are summed and the sum is scaled to L2 norm ≤ 1.
 one unit therefore moves the histogram by at most 1 in L2, and Gaussian noise N(0, σ²) on every bin
 makes one release a Gaussian mechanism with noise multiplier σ.
 
+Votes are canonical: a row's vote is a function of that row and the candidates only (identical
+candidates are one bin, exact float64 re-scoring, ties to the lowest index), so no backend, chunk
+boundary or float32 rounding can move a vote when another row is added or removed.
 Search runs in chunks of private rows, so memory is O((N+M)·d + chunk·M), never the N×M matrix.
 Backends: numpy (CPU), torch (CPU or GPU) and faiss (CPU, when installed) behind one function.
 """
@@ -30,6 +33,7 @@ __all__ = [
     "dp_histogram",
     "histogram_from_neighbors",
     "lookahead_embeddings",
+    "merge_identical",
     "nearest_neighbors",
     "privatize",
 ]
@@ -38,31 +42,36 @@ Metric = Literal["l2", "cosine"]
 Backend = Literal["auto", "numpy", "torch", "faiss"]
 
 # Bytes a search chunk may use for its chunk×M score block (and, for k > 1, the partition indices).
-DEFAULT_CHUNK_BYTES = int(os.environ.get("PE_CHUNK_BYTES", 192 * 2**20))
+DEFAULT_CHUNK_BYTES = int(os.environ.get("PE_CHUNK_BYTES", 160 * 2**20))
 GPU_CHUNK_BYTES = 2**30
 
 
 # --------------------------------------------------------------------------------------------
-# Exact k-nearest-neighbour search
+# Canonical exact k-nearest-neighbour search
 # --------------------------------------------------------------------------------------------
+# Why two stages: the sensitivity bound needs each private row's vote to be a function of that row
+# and the candidates only. A float32 matrix product is not: BLAS computes a one-row block by gemv
+# and others by gemm, faiss and numpy sum in other orders, and bit-identical candidates (kept
+# samples, copy fallbacks, cached render features) then win by a last-bit accident that depends on
+# where the row falls in a chunk. So stage 1 (any backend, any precision) only *shortlists*, with a
+# proven error margin, every candidate that can be among the row's k nearest; stage 2 re-scores the
+# shortlist exactly in float64 by a computation that sees only (row, candidate), and breaks ties by
+# the lowest candidate index. Bit-identical candidates are merged first: one bin, the lowest index.
+
+
 def _is_torch_tensor(x: object) -> bool:
     return type(x).__module__.startswith("torch")
 
 
-def _faiss_available() -> bool:
-    try:
-        import faiss  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _resolve_backend(backend: Backend, queries: Any, keys: Any, device: str | None) -> str:
+    """The search backend, from public facts only (types, device, request): never from timings."""
+    if backend not in ("auto", "numpy", "torch", "faiss"):
+        raise ValueError(f"backend must be one of auto, numpy, torch, faiss; got {backend!r}")
     if backend != "auto":
         return backend
     if _is_torch_tensor(queries) or _is_torch_tensor(keys) or (device is not None and device != "cpu"):
         return "torch"
-    return "faiss" if _faiss_available() else "numpy"
+    return "numpy"
 
 
 def _check_inputs(queries: Any, keys: Any, k: int, metric: str) -> tuple[int, int, int]:
@@ -84,153 +93,160 @@ def _check_inputs(queries: Any, keys: Any, k: int, metric: str) -> tuple[int, in
     return n, m, d
 
 
-def _chunk_rows(m: int, k: int, chunk_size: int | None) -> int:
+def _chunk_rows(m: int, chunk_size: int | None, budget: int = 0) -> int:
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    per_row = m * (4 + (8 if k > 1 else 0))
-    return max(1, DEFAULT_CHUNK_BYTES // per_row)
+    # float32 scores plus the shortlist mask per candidate
+    return max(1, (budget or DEFAULT_CHUNK_BYTES) // (m * 5))
 
 
-def _normalize_rows(x: np.ndarray) -> np.ndarray:
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.maximum(norms, np.finfo(x.dtype).tiny)
+def _as_float64(x: Any) -> np.ndarray:
+    if _is_torch_tensor(x):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("embeddings contain NaN or infinite values; check the embedding model's output")
+    return arr
 
 
-def _smallest_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Column indices and values of the k smallest scores per row, nearest first (ties: lower index)."""
-    if k == 1:
-        idx = np.argmin(scores, axis=1)[:, None]
-    else:
-        part = np.argpartition(scores, k - 1, axis=1)[:, :k]
-        vals = np.take_along_axis(scores, part, axis=1)
-        order = np.lexsort((part, vals), axis=1)
-        idx = np.take_along_axis(part, order, axis=1)
-    return idx.astype(np.int64, copy=False), np.take_along_axis(scores, idx, axis=1)
+def _prepare_rows(x: np.ndarray, metric: str) -> np.ndarray:
+    """float64 rows, unit-normalised for cosine (row by row: a row's result never depends on others)."""
+    if metric != "cosine":
+        return x
+    norms = np.sqrt(np.add.reduce(x * x, axis=1))
+    return x / np.maximum(norms, np.finfo(np.float64).tiny)[:, None]
 
 
-def _knn_numpy(q: np.ndarray, y: np.ndarray, k: int, metric: str, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    n = q.shape[0]
-    if metric == "cosine":
-        q, y = _normalize_rows(q), _normalize_rows(y)
-        # score = -cos; distance = 1 - cos
-        yt = np.ascontiguousarray((-y).T)
-        offset = np.zeros(0, dtype=q.dtype)
-    else:
-        # ||q - y||² = ||q||² - 2 q·y + ||y||²; rank by -2 q·y + ||y||² and add ||q||² back after.
-        yt = np.ascontiguousarray((-2.0 * y).T)
-        offset = np.einsum("ij,ij->i", y, y)
-    indices = np.empty((n, k), dtype=np.int64)
-    dists = np.empty((n, k), dtype=q.dtype)
-    for start in range(0, n, chunk):
-        qc = q[start : start + chunk]
-        scores = qc @ yt
-        if metric == "l2":
-            scores += offset
-        idx, val = _smallest_k(scores, k)
-        val = np.maximum(val + np.einsum("ij,ij->i", qc, qc)[:, None], 0) if metric == "l2" else 1.0 + val
-        indices[start : start + chunk] = idx
-        dists[start : start + chunk] = val
-    return indices, dists
+def merge_identical(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Bit-identical candidate rows as one: ``(first_index, group)`` with ``group[j]`` the group of j.
+
+    ``first_index`` is ascending, so the representative of each group is its lowest index.
+    """
+    keys = np.ascontiguousarray(keys)
+    rows = keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).reshape(-1)
+    _, first, group = np.unique(rows, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # groups renumbered by their lowest index
+    rank = np.empty_like(order)
+    rank[order] = np.arange(order.size)
+    return first[order].astype(np.int64), rank[group.reshape(-1)].astype(np.int64)
 
 
-def _knn_faiss(q: np.ndarray, y: np.ndarray, k: int, metric: str, chunk: int) -> tuple[np.ndarray, np.ndarray]:
-    import faiss
-
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=np.float32)
-    if metric == "cosine":
-        q, y = _normalize_rows(q), _normalize_rows(y)
-        index = faiss.IndexFlatIP(y.shape[1])
-    else:
-        index = faiss.IndexFlatL2(y.shape[1])
-    index.add(y)
-    n = q.shape[0]
-    indices = np.empty((n, k), dtype=np.int64)
-    dists = np.empty((n, k), dtype=np.float32)
-    for start in range(0, n, chunk):
-        d, i = index.search(q[start : start + chunk], k)
-        indices[start : start + chunk] = i
-        dists[start : start + chunk] = 1.0 - d if metric == "cosine" else d
-    return indices, dists
+def _gamma(n: int, unit_roundoff: float) -> float:
+    """Higham's γ_n = n·u / (1 − n·u): the relative error bound of an n-term dot product, any order."""
+    nu = n * unit_roundoff
+    if nu >= 0.5:
+        raise ValueError("the search precision is too low for this dimension to bound its error")
+    return nu / (1.0 - nu)
 
 
-def _knn_torch(q: Any, y: Any, k: int, metric: str, chunk: int, device: str | None) -> tuple[np.ndarray, np.ndarray]:
+class _Shortlister:
+    """Stage 1: per private row, candidate indices that provably contain its exact k nearest.
+
+    Scores s_ij = ||y_j||² − 2·q_i·y_j are computed in float32 (or lower). With inputs rounded to
+    that precision and any summation order, |ŝ_ij − s_ij| ≤ γ_{d+4}·(||q_i|| + max_j ||y_j||)² =: B_i,
+    so every candidate whose exact score is among the k smallest has ŝ_ij ≤ ŝ_(k) + 2·B_i, where
+    ŝ_(k) is the row's k-th smallest computed score. The margin also covers float64's own error.
+    """
+
+    def __init__(self, keys64: np.ndarray, k: int, unit_roundoff: float) -> None:
+        d = keys64.shape[1]
+        self.k = k
+        self.key_norm_max = float(np.sqrt(np.max(np.add.reduce(keys64 * keys64, axis=1))))
+        self.gamma = _gamma(d + 4, unit_roundoff) + _gamma(d + 4, 2.0**-53)
+
+    def margin(self, q64: np.ndarray) -> np.ndarray:
+        qn = np.sqrt(np.add.reduce(q64 * q64, axis=1))
+        return 2.0 * self.gamma * (qn + self.key_norm_max) ** 2 * (1 + 1e-6) + 1e-300
+
+    def from_scores(self, scores: np.ndarray, margin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(rows, cols) of the shortlist from a full block of computed scores (numpy arrays)."""
+        kth = scores.min(axis=1) if self.k == 1 else np.partition(scores, self.k - 1, axis=1)[:, self.k - 1]
+        limit = (kth.astype(np.float64) + margin).astype(np.float32)
+        # float32 rounding of the limit may go down by half an ulp; nudge it up one ulp.
+        limit = np.nextafter(limit, np.float32(np.inf))
+        return np.nonzero(scores <= limit[:, None])
+
+
+def _rescore_exact(
+    q64: np.ndarray, keys64: np.ndarray, rows: np.ndarray, cols: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stage 2: the k nearest of each row among its shortlist, by exact float64 squared distance.
+
+    Each score is a row-wise reduction over one (row, candidate) difference, so it is the same
+    whatever else is in the block; ties go to the lower candidate index.
+    """
+    n = q64.shape[0]
+    out_i = np.empty((n, k), dtype=np.int64)
+    out_d = np.empty((n, k), dtype=np.float64)
+    step = max(1, (64 * 2**20) // (8 * q64.shape[1]))
+    dist = np.empty(rows.size, dtype=np.float64)
+    for start in range(0, rows.size, step):
+        r, c = rows[start : start + step], cols[start : start + step]
+        diff = q64[r] - keys64[c]
+        dist[start : start + step] = np.add.reduce(diff * diff, axis=1)
+    order = np.lexsort((cols, dist, rows))
+    rows_sorted = rows[order]
+    first = np.searchsorted(rows_sorted, np.arange(n))
+    counts = np.diff(np.append(first, rows_sorted.size))
+    if (counts < k).any():
+        raise RuntimeError("internal error: a shortlist holds fewer than k candidates")
+    take = first[:, None] + np.arange(k)[None, :]
+    out_i[:] = cols[order][take]
+    out_d[:] = dist[order][take]
+    return out_i, out_d
+
+
+def _shortlist_numpy(
+    q64: np.ndarray, y_t: np.ndarray, y_sq: np.ndarray, sl: _Shortlister, extra_margin: np.ndarray | float = 0.0
+) -> tuple[np.ndarray, np.ndarray]:
+    """``y_t`` is −2·Yᵀ in float32 (C-contiguous), computed once per search."""
+    scores = q64.astype(np.float32) @ y_t
+    scores += y_sq
+    return sl.from_scores(scores, sl.margin(q64) + extra_margin)
+
+
+def _shortlist_torch(q64: np.ndarray, y_t: Any, y_sq_t: Any, sl: _Shortlister) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
-    def as_tensor(x: Any) -> torch.Tensor:
-        t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
-        return t.to(device) if device is not None else t
-
-    qt, yt = as_tensor(q), as_tensor(y)
-    if yt.device != qt.device:
-        yt = yt.to(qt.device)
-    if not qt.is_floating_point():
-        qt = qt.float()
-    yt = yt.to(qt.dtype)
-    if metric == "cosine":
-        qt = torch.nn.functional.normalize(qt, dim=1)
-        yt = torch.nn.functional.normalize(yt, dim=1)
-        ymat = -yt.T.contiguous()
-        offset = None
-    else:
-        ymat = (-2.0 * yt).T.contiguous()
-        offset = (yt * yt).sum(dim=1)
-    n = qt.shape[0]
-    out_i = torch.empty((n, k), dtype=torch.int64, device=qt.device)
-    out_d = torch.empty((n, k), dtype=qt.dtype, device=qt.device)
     with torch.inference_mode():
-        for start in range(0, n, chunk):
-            qc = qt[start : start + chunk]
-            scores = qc @ ymat if offset is None else torch.addmm(offset, qc, ymat)
-            if k == 1:
-                val, idx = scores.min(dim=1, keepdim=True)
-            else:
-                val, idx = torch.topk(scores, k, dim=1, largest=False, sorted=True)
-            val = (val + (qc * qc).sum(dim=1, keepdim=True)).clamp_min(0) if offset is not None else 1.0 + val
-            out_i[start : start + chunk] = idx
-            out_d[start : start + chunk] = val
-    return out_i.cpu().numpy(), out_d.float().cpu().numpy()
-
-
-# Both CPU backends do the same exact search through a BLAS matrix product, but which kernel each
-# gets depends on the machine (measured here: numpy from 0.28× to 1.12× the time of faiss). For
-# large problems, ``auto`` times both on the first rows and keeps the faster for the rest.
-CALIBRATE_MIN_WORK = 2e10  # N·M·d multiply-adds below which the choice does not matter
-_CPU_CHOICE: dict[tuple[int, int, int, str, str], str] = {}
-
-
-def _knn_calibrated(
-    q: np.ndarray, y: np.ndarray, k: int, metric: str, chunk: int, faiss_chunk: int
-) -> tuple[np.ndarray, np.ndarray]:
-    import time
-
-    key = (y.shape[0], y.shape[1], k, metric, q.dtype.str)
-    start = 0
-    parts: list[tuple[np.ndarray, np.ndarray]] = []
-    if key not in _CPU_CHOICE:
-        # Alternate the two on consecutive row blocks (every result is kept: no work is wasted)
-        # and compare each one's best block, so one noisy block cannot decide.
-        probe = max(1, min(q.shape[0] // 8, chunk, 4096))
-        best = {"numpy": float("inf"), "faiss": float("inf")}
-        for name in ("numpy", "faiss", "numpy", "faiss"):
-            block = q[start : start + probe]
-            t0 = time.perf_counter()
-            if name == "numpy":
-                parts.append(_knn_numpy(block, y, k, metric, chunk))
-            else:
-                parts.append(_knn_faiss(block, y, k, metric, faiss_chunk))
-            best[name] = min(best[name], (time.perf_counter() - t0) / max(len(block), 1))
-            start += len(block)
-        _CPU_CHOICE[key] = "numpy" if best["numpy"] <= best["faiss"] else "faiss"
-    rest = q[start:]
-    if len(rest):
-        if _CPU_CHOICE[key] == "numpy":
-            parts.append(_knn_numpy(rest, y, k, metric, chunk))
+        qt = torch.from_numpy(q64.astype(np.float32)).to(y_t.device)
+        scores = torch.addmm(y_sq_t, qt, y_t.T, alpha=-2.0)
+        if sl.k == 1:
+            kth = scores.min(dim=1).values
         else:
-            parts.append(_knn_faiss(rest, y, k, metric, faiss_chunk))
-    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]).astype(np.float32)
+            kth = torch.kthvalue(scores.cpu() if scores.device.type == "mps" else scores, sl.k, dim=1).values
+        margin = torch.from_numpy(sl.margin(q64)).to(scores.device)
+        limit = (kth.double() + margin).float()
+        limit = torch.nextafter(limit, torch.full_like(limit, float("inf")))
+        rows, cols = torch.nonzero(scores <= limit[:, None], as_tuple=True)
+        return rows.cpu().numpy(), cols.cpu().numpy()
+
+
+def _shortlist_faiss(
+    q64: np.ndarray, index: Any, y_t: np.ndarray, y_sq: np.ndarray, sl: _Shortlister, m: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """faiss returns the k' best by its own float32 arithmetic; rows whose shortlist might reach past
+    k' are completed from a full score row (rare: only near-ties deeper than k')."""
+    q32 = np.ascontiguousarray(q64, dtype=np.float32)
+    kprime = min(m, sl.k + 16)
+    d, i = index.search(q32, kprime)
+    q_sq = np.add.reduce(q64 * q64, axis=1)
+    scores = d.astype(np.float64) - q_sq[:, None]  # faiss gives ||q−y||²; compare on ||y||² − 2q·y
+    margin = sl.margin(q64) + 2.0 * sl.gamma * q_sq  # faiss's ||q||² term carries its own error
+    limit = scores[:, sl.k - 1] + margin
+    incomplete = (scores[:, -1] <= limit) & (kprime < m)
+    keep = scores <= limit[:, None]
+    keep[incomplete] = False
+    rows, pos = np.nonzero(keep)
+    cols = i[rows, pos]
+    if incomplete.any():
+        extra_rows = np.flatnonzero(incomplete)
+        r2, c2 = _shortlist_numpy(q64[extra_rows], y_t, y_sq, sl, 2.0 * sl.gamma * q_sq[extra_rows])
+        rows = np.concatenate([rows, extra_rows[r2]])
+        cols = np.concatenate([cols, c2])
+    return rows.astype(np.int64), cols.astype(np.int64)
 
 
 def nearest_neighbors(
@@ -243,40 +259,64 @@ def nearest_neighbors(
     chunk_size: int | None = None,
     device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Exact k nearest ``keys`` of every row of ``queries``.
+    """Exact, canonical k nearest ``keys`` of every row of ``queries``.
 
-    Returns ``(indices, distances)``, both ``(N, k)``, nearest first; distances are squared L2 or
-    cosine distance (1 − cos). ``backend="auto"`` picks torch for tensors or a non-CPU ``device``;
-    on the CPU, numpy, or (when installed) whichever of faiss and numpy is faster on this machine,
-    timed on the first rows of a large problem. Memory beyond the inputs is O(chunk_size · M).
+    Returns ``(indices, distances)``, nearest first, distances as float64 squared L2 or cosine
+    distance (1 − cos). Canonical: a row's answer depends only on that row and ``keys`` — not on the
+    backend, the chunking or the other rows. Bit-identical keys count as one (the lowest index
+    answers for all), so a row gets ``min(k, distinct keys)`` neighbours; ties in exact distance go
+    to the lower index. ``backend="auto"`` is torch for tensors or a non-CPU ``device`` and numpy
+    otherwise; ``faiss`` on request. Memory beyond the inputs is O(chunk_size · M).
     """
-    n, m, _ = _check_inputs(queries, keys, k, metric)
+    n, _m, d = _check_inputs(queries, keys, k, metric)
     chosen = _resolve_backend(backend, queries, keys, device)
-    on_gpu = chosen == "torch" and (
-        (device is not None and device.startswith("cuda")) or str(getattr(queries, "device", "cpu")).startswith("cuda")
-    )
-    # GPUs want big blocks to stay busy; 1 GiB of scores is still small next to their memory.
-    chunk = _chunk_rows(m, k, chunk_size) if not on_gpu or chunk_size else max(1, GPU_CHUNK_BYTES // (m * 4))
+    keys64 = _prepare_rows(_as_float64(keys), metric)
+    first, _ = merge_identical(keys64)
+    uniq64 = np.ascontiguousarray(keys64[first])
+    m_u = uniq64.shape[0]
+    k_eff = min(k, m_u)
     if n == 0:
-        return np.empty((0, k), dtype=np.int64), np.empty((0, k), dtype=np.float32)
+        return np.empty((0, k_eff), dtype=np.int64), np.empty((0, k_eff), dtype=np.float64)
+    y32 = uniq64.astype(np.float32)
+    y_sq = np.add.reduce(y32.astype(np.float64) ** 2, axis=1).astype(np.float32)
+    unit_roundoff = 2.0**-24
     if chosen == "torch":
-        return _knn_torch(queries, keys, k, metric, chunk, device)
-    q = np.asarray(queries)
-    y = np.asarray(keys)
-    if not (np.isfinite(q).all() and np.isfinite(y).all()):
-        raise ValueError("embeddings contain NaN or infinite values; check the embedding model's output")
-    dtype = np.result_type(q.dtype, y.dtype, np.float32)
-    q, y = q.astype(dtype, copy=False), y.astype(dtype, copy=False)
-    faiss_chunk = chunk if chunk_size is not None else max(chunk, 1 << 16)
-    if backend == "auto" and chosen == "faiss" and n * m * q.shape[1] >= CALIBRATE_MIN_WORK:
-        return _knn_calibrated(q, y, k, metric, chunk, faiss_chunk)
-    if chosen == "faiss":
-        # faiss tiles queries × database internally with bounded buffers; bigger calls keep its
-        # threads busy, and the only per-call memory is the N×k result.
-        return _knn_faiss(q, y, k, metric, faiss_chunk)
-    if chosen == "numpy":
-        return _knn_numpy(q, y, k, metric, chunk)
-    raise ValueError(f"backend must be one of auto, numpy, torch, faiss; got {backend!r}")
+        import torch
+
+        if device is not None:
+            dev = torch.device(device)
+        else:
+            dev = queries.device if _is_torch_tensor(queries) else torch.device("cpu")
+        if dev.type == "cuda":
+            unit_roundoff = 2.0**-11  # TF32 may serve float32 matrix products on recent GPUs
+        y_t = torch.from_numpy(y32).to(dev)
+        y_sq_t = torch.from_numpy(y_sq).to(dev)
+        chunk = _chunk_rows(m_u, chunk_size, GPU_CHUNK_BYTES if dev.type == "cuda" else 0)
+    elif chosen == "faiss":
+        import faiss
+
+        index = faiss.IndexFlatL2(d)
+        index.add(y32)
+        chunk = _chunk_rows(m_u, chunk_size, 1 << 30)
+    else:
+        chunk = _chunk_rows(m_u, chunk_size)
+    if chosen != "torch":
+        y_t = np.ascontiguousarray((-2.0 * y32).T)
+    sl = _Shortlister(uniq64, k_eff, unit_roundoff)
+    indices = np.empty((n, k_eff), dtype=np.int64)
+    dists = np.empty((n, k_eff), dtype=np.float64)
+    for start in range(0, n, chunk):
+        q64 = _prepare_rows(_as_float64(queries[start : start + chunk]), metric)
+        if chosen == "torch":
+            rows, cols = _shortlist_torch(q64, y_t, y_sq_t, sl)
+        elif chosen == "faiss":
+            rows, cols = _shortlist_faiss(q64, index, y_t, y_sq, sl, m_u)
+        else:
+            rows, cols = _shortlist_numpy(q64, y_t, y_sq, sl)
+        idx, dist = _rescore_exact(q64, uniq64, rows.astype(np.int64), cols.astype(np.int64), k_eff)
+        indices[start : start + chunk] = first[idx]
+        dists[start : start + chunk] = dist / 2.0 if metric == "cosine" else dist
+    return indices, dists
 
 
 # --------------------------------------------------------------------------------------------
@@ -355,14 +395,14 @@ class NoisyHistogram:
     """A DP release: noisy votes per candidate. Safe to persist and publish.
 
     ``raw`` is clean + N(0, σ²); ``values`` is ``raw`` with bins below ``threshold`` set to 0
-    (post-processing).
+    (post-processing). It holds nothing else computed from the private data: in particular not
+    the number of voters, which under add/remove neighbours is itself private.
     """
 
     values: np.ndarray
     raw: np.ndarray
     noise_multiplier: float
     threshold: float
-    num_voters: int
 
     def __post_init__(self) -> None:
         for arr in (self.values, self.raw):
@@ -374,7 +414,6 @@ class NoisyHistogram:
             "raw": self.raw,
             "noise_multiplier": np.float64(self.noise_multiplier),
             "threshold": np.float64(self.threshold),
-            "num_voters": np.int64(self.num_voters),
         }
 
     @classmethod
@@ -384,11 +423,20 @@ class NoisyHistogram:
             raw=np.array(arrays["raw"], dtype=np.float64),
             noise_multiplier=float(arrays["noise_multiplier"]),
             threshold=float(arrays["threshold"]),
-            num_voters=int(arrays["num_voters"]),
         )
 
 
+# A replacement noise source, for tests only (e.g. replaying the same draws to compare runs).
 NoiseSource = GaussianNoise | Callable[[int], np.ndarray]
+
+
+def _standard_normal(count: int, source: NoiseSource | None) -> np.ndarray:
+    src = source if source is not None else GaussianNoise()
+    draw = src.standard_normal if isinstance(src, GaussianNoise) else src
+    z = np.asarray(draw(count), dtype=np.float64)
+    if z.shape != (count,):
+        raise ValueError("noise source returned the wrong number of draws")
+    return z
 
 
 def privatize(
@@ -396,30 +444,19 @@ def privatize(
     *,
     noise_multiplier: float,
     threshold: float = 0.0,
-    num_voters: int = 0,
-    noise: NoiseSource | None = None,
+    _noise: NoiseSource | None = None,
 ) -> NoisyHistogram:
-    """Add N(0, σ²) to every bin of a sensitivity-1 histogram, then apply the threshold H."""
+    """Add N(0, σ²) to every bin of a sensitivity-1 histogram (empty bins too), then apply H.
+
+    ``_noise`` replaces the OS-entropy generator; it exists for tests and must never be set in use.
+    """
     if not (noise_multiplier >= 0 and math.isfinite(noise_multiplier)):
         raise ValueError(f"noise_multiplier must be finite and >= 0, got {noise_multiplier!r}")
     clean = np.asarray(clean, dtype=np.float64)
-    source = noise if noise is not None else GaussianNoise()
-    draw = source.standard_normal if isinstance(source, GaussianNoise) else source
-    if noise_multiplier > 0:
-        z = np.asarray(draw(clean.shape[0]), dtype=np.float64)
-        if z.shape != clean.shape:
-            raise ValueError("noise source returned the wrong number of draws")
-        raw = clean + noise_multiplier * z
-    else:
-        raw = clean.copy()
+    noise = noise_multiplier * _standard_normal(clean.shape[0], _noise) if noise_multiplier > 0 else 0.0
+    raw = clean + noise
     values = np.where(raw < threshold, 0.0, raw)
-    return NoisyHistogram(
-        values=values,
-        raw=raw,
-        noise_multiplier=float(noise_multiplier),
-        threshold=float(threshold),
-        num_voters=int(num_voters),
-    )
+    return NoisyHistogram(values=values, raw=raw, noise_multiplier=float(noise_multiplier), threshold=float(threshold))
 
 
 def dp_histogram(
@@ -434,7 +471,7 @@ def dp_histogram(
     backend: Backend = "auto",
     chunk_size: int | None = None,
     device: str | None = None,
-    noise: NoiseSource | None = None,
+    _noise: NoiseSource | None = None,
 ) -> NoisyHistogram:
     """One DP release: vote, add Gaussian noise, threshold. Only the noisy histogram is returned.
 
@@ -451,8 +488,7 @@ def dp_histogram(
         chunk_size=chunk_size,
         device=device,
     )
-    num_voters = int(private.shape[0]) if units is None else len(np.unique(np.asarray(units)))
-    noisy = privatize(clean, noise_multiplier=noise_multiplier, threshold=threshold, num_voters=num_voters, noise=noise)
+    noisy = privatize(clean, noise_multiplier=noise_multiplier, threshold=threshold, _noise=_noise)
     del clean
     return noisy
 

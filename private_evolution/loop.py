@@ -1,20 +1,30 @@
 """The Private Evolution loop: rounds of noisy nearest-neighbour votes, selection and variation.
 
-Round t (0-based) votes on population P_t: the ledger is charged, the noisy histogram is drawn
-and written to disk, and only then does selection read it. Rounds before the last keep the n_t
-best (optionally) and add ``variation_folds`` variations of each; the last round selects the
-``num_samples`` outputs. Every round leaves a checkpoint of JSON/JSONL and .npy/.npz files (no
-pickle); ``resume=True`` continues after the last complete round, re-reading released histograms,
-so an interrupted run never draws noise twice for a round and its ledger ends with exactly T
-releases.
+Before round 0 the number of privacy units is released once as a DP count (it checks δ and can
+size the population). Round t (0-based) votes on population P_t: the ledger is charged, the noisy
+histogram is drawn and written to disk, and only then does selection read it. Rounds before the
+last keep the n_t best (optionally) and add ``variation_folds`` variations of each; the last round
+selects the ``num_samples`` outputs. Every round leaves a checkpoint of JSON/JSONL and .npy/.npz
+files (no pickle); ``resume=True`` continues after the last complete round, re-reading released
+histograms.
+
+The release rules: every noise draw has its own ledger entry, ever. A resumed run re-reads what
+was released; a release lost after something was derived from it is never drawn again (the run
+refuses); a release charged but never written (a crash in between) is drawn again only as a new,
+charged release. A ledger is never created beside released state, and one process at a time holds
+a state directory. Nothing derived from the private data except DP releases is written to the
+state directory: the exact number of units and the data's fingerprint go to ``private_dir``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -22,7 +32,8 @@ from typing import Any, Generic, TypeVar
 import numpy as np
 
 from private_evolution import accounting
-from private_evolution.accounting import PrivacyLedger
+from private_evolution.accounting import NoisePlan, PrivacyLedger
+from private_evolution.count import NoisyCount, dp_count
 from private_evolution.files import (
     atomic_save_npy,
     atomic_save_npz,
@@ -37,11 +48,16 @@ from private_evolution.protocols import Embedder, Generator
 
 S = TypeVar("S")
 
-__all__ = ["PEConfig", "PEResult", "PrivateEvolution", "RoundResult", "RunStateError"]
+__all__ = ["PEConfig", "PEResult", "PrivacyPlanError", "PrivateEvolution", "RoundResult", "RunStateError"]
 
 
 class RunStateError(RuntimeError):
-    """The run directory does not fit the requested run (exists without resume, or differs)."""
+    """The state directory does not fit the requested run (exists without resume, differs, is
+    inconsistent, or is held by another process)."""
+
+
+class PrivacyPlanError(ValueError):
+    """The privacy parameters do not fit the data (judged from the DP count, never the exact N)."""
 
 
 @dataclass(frozen=True)
@@ -52,6 +68,10 @@ class PEConfig:
     the last round selects ``num_samples``. ``strength``: variation strength used after each round
     (an int/float or T−1 values). ``initial_population``: size of the random-API population voted
     on in round 0 (default n_0 · (1 + folds), the steady-state size).
+
+    Privacy: ``delta`` is public — the user's, else 1/(B·ln B) for a public upper bound
+    ``units_bound`` on the number of units, else :data:`~private_evolution.accounting.DEFAULT_DELTA`.
+    ``count_share`` is the share of μ² spent on the DP count of units (0: no count).
     """
 
     iterations: int
@@ -70,6 +90,8 @@ class PEConfig:
     lookahead: int = 0
     seed: int = 0
     noise_multiplier: float | None = None
+    units_bound: int | None = None
+    count_share: float = accounting.DEFAULT_COUNT_SHARE
 
     def __post_init__(self) -> None:
         for name in ("population_size", "strength"):
@@ -140,16 +162,28 @@ class PEConfig:
             raise bad(f"delta must be in (0, 1), got {self.delta}")
         if self.noise_multiplier is not None and not (self.noise_multiplier >= 0):
             raise bad("noise_multiplier must be >= 0")
+        if self.units_bound is not None and (isinstance(self.units_bound, bool) or self.units_bound < 3):
+            raise bad(f"units_bound must be an integer >= 3, got {self.units_bound!r}")
+        if not 0 <= self.count_share < 1:
+            raise bad(f"count_share must be in [0, 1), got {self.count_share!r}")
 
-    def resolve_delta(self, num_units: int) -> float:
-        delta = self.delta if self.delta is not None else accounting.default_delta(num_units)
-        accounting.check_delta_for_units(delta, num_units)
-        return delta
+    def resolve_delta(self) -> float:
+        """δ from public inputs only (never from the number of private units)."""
+        return accounting.public_delta(delta=self.delta, units_bound=self.units_bound)
 
-    def resolve_noise_multiplier(self, delta: float) -> float:
-        if self.noise_multiplier is not None:
-            return float(self.noise_multiplier)
-        return accounting.noise_multiplier(epsilon=self.epsilon, delta=delta, rounds=self.iterations)
+    def noise_plan(self) -> NoisePlan:
+        """σ of the rounds and of the DP count, from public inputs only."""
+        plan = accounting.plan_noise(
+            epsilon=self.epsilon, delta=self.resolve_delta(), rounds=self.iterations, count_share=self.count_share
+        )
+        if self.noise_multiplier is None:
+            return plan
+        sigmas = [float(self.noise_multiplier)] * self.iterations + (
+            [plan.count_noise_multiplier] if plan.count_noise_multiplier else []
+        )
+        return dataclasses.replace(
+            plan, round_noise_multiplier=float(self.noise_multiplier), gdp_mu=accounting.gdp_mu(sigmas)
+        )
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -188,8 +222,10 @@ class PEResult(Generic[S]):
     ledger: PrivacyLedger
     noise_multiplier: float
     delta: float
-    num_units: int
+    plan: NoisePlan
+    unit_count: NoisyCount | None = None
     rounds_resumed: list[int] = field(default_factory=list)
+    redrawn: list[str] = field(default_factory=list)
 
     @property
     def epsilon(self) -> float:
@@ -209,9 +245,12 @@ def _fingerprint(private: np.ndarray, units: np.ndarray | None) -> str:
 class PrivateEvolution(Generic[S]):
     """Runs PE over a state directory. Only :func:`dp_histogram` ever sees the private embeddings.
 
-    Files under ``state_dir``: ``config.json``, ``ledger.json``, ``round_XXX/`` with
-    ``population.jsonl`` (candidates), ``embeddings.npy``, ``histogram.npz`` (the DP release),
-    ``selected.json`` and ``complete.json``; ``result.jsonl`` once done.
+    Files under ``state_dir`` (public or DP only): ``config.json``, ``ledger.json``,
+    ``unit_count.json`` (the DP count), ``round_XXX/`` with ``population.jsonl`` (candidates),
+    ``embeddings.npy``, ``histogram.npz`` (the DP release, naming its ledger entry),
+    ``selected.json`` and ``complete.json``; ``result.jsonl`` once done; ``.lock`` while running.
+    Under ``private_dir`` (default ``state_dir/private``, owner-only): the fingerprint of the
+    private data that resume checks.
     """
 
     def __init__(
@@ -221,21 +260,24 @@ class PrivateEvolution(Generic[S]):
         config: PEConfig,
         state_dir: str | Path,
         *,
+        private_dir: str | Path | None = None,
         backend: Backend = "auto",
         device: str | None = None,
         chunk_size: int | None = None,
         save_embeddings: bool = True,
-        noise: NoiseSource | None = None,
+        _noise: NoiseSource | None = None,
     ) -> None:
         self.generator = generator
         self.embedder = embedder
         self.config = config
         self.state_dir = Path(state_dir)
+        self.private_dir = Path(private_dir) if private_dir is not None else self.state_dir / "private"
         self.backend: Backend = backend
         self.device = device
         self.chunk_size = chunk_size
         self.save_embeddings = save_embeddings
-        self._noise = noise
+        self._noise = _noise  # tests only: replaces the OS-entropy noise
+        self._redrawn: list[str] = []
 
     # -- paths -----------------------------------------------------------------------------
     def round_dir(self, t: int) -> Path:
@@ -245,26 +287,54 @@ class PrivateEvolution(Generic[S]):
     def ledger_path(self) -> Path:
         return self.state_dir / "ledger.json"
 
+    @property
+    def count_path(self) -> Path:
+        return self.state_dir / "unit_count.json"
+
     def completed_rounds(self) -> list[int]:
         return [t for t in range(self.config.iterations) if (self.round_dir(t) / "complete.json").exists()]
 
+    def _released_state(self) -> list[Path]:
+        """Files that exist only once something was released."""
+        found = [p for p in (self.ledger_path, self.count_path, self.state_dir / "result.jsonl") if p.exists()]
+        found += sorted(self.state_dir.glob("round_*/histogram.npz"))
+        found += sorted(self.state_dir.glob("round_*/selected.json"))
+        return found
+
     # -- set-up ----------------------------------------------------------------------------
-    def _prepare(self, private: np.ndarray, units: np.ndarray | None, resume: bool) -> tuple[PrivacyLedger, float, int]:
+    @contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """One process at a time in a state directory (POSIX advisory lock, freed if we die)."""
+        import fcntl
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.state_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                raise RunStateError(
+                    f"{self.state_dir} is in use by another process (pid {holder}); wait for it to finish"
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield
+        finally:
+            os.close(fd)  # closing the descriptor releases the lock
+
+    def _prepare(self, private: np.ndarray, units: np.ndarray | None, resume: bool) -> tuple[PrivacyLedger, NoisePlan]:
         cfg = self.config
-        num_units = int(private.shape[0]) if units is None else len(np.unique(np.asarray(units)))
-        if num_units < 1:
-            raise ValueError("there is no private data to vote with")
-        delta = cfg.resolve_delta(num_units)
-        sigma = cfg.resolve_noise_multiplier(delta)
+        plan = cfg.noise_plan()
         meta = {
             "config": cfg.to_dict(),
-            "delta": delta,
-            "noise_multiplier": sigma,
-            "num_units": num_units,
-            "num_private_rows": int(private.shape[0]),
-            "private_fingerprint": _fingerprint(private, units),
+            "delta": plan.delta,
+            "noise_multiplier": plan.round_noise_multiplier,
+            "count_noise_multiplier": plan.count_noise_multiplier,
         }
+        fingerprint = {"private_fingerprint": _fingerprint(private, units)}
         config_path = self.state_dir / "config.json"
+        fingerprint_path = self.private_dir / "fingerprint.json"
         if config_path.exists():
             if not resume:
                 raise RunStateError(
@@ -272,21 +342,77 @@ class PrivateEvolution(Generic[S]):
                 )
             saved = json.loads(config_path.read_text())
             diffs = [k for k in meta if saved.get(k) != meta[k]]
+            if not fingerprint_path.exists() or json.loads(fingerprint_path.read_text()) != fingerprint:
+                diffs.append("private data")
             if diffs:
                 raise RunStateError(
                     f"cannot resume {self.state_dir}: it was started with different {', '.join(diffs)}; "
                     "use the original settings and data, or a new directory"
                 )
+            if not self.ledger_path.exists():
+                raise RunStateError(
+                    f"{self.ledger_path} is missing but {self.state_dir} holds a run: the privacy spent so far is "
+                    "unknown, so the run cannot continue; start a new run in a new directory"
+                )
             ledger = PrivacyLedger.load(self.ledger_path)
+            for t in range(cfg.iterations):
+                self._refuse_lost_release(t)
         else:
+            released = self._released_state()
+            if released:
+                raise RunStateError(
+                    f"{config_path} is missing but {self.state_dir} holds released state ({released[0].name}); "
+                    "a new ledger must not be started beside it: restore the file or use a new directory"
+                )
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            ledger = PrivacyLedger(epsilon=cfg.epsilon, delta=delta, path=self.ledger_path)
+            self.private_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(self.private_dir, 0o700)
+            ledger = PrivacyLedger(epsilon=cfg.epsilon, delta=plan.delta, path=self.ledger_path)
             ledger.save()
+            atomic_write_json(fingerprint_path, fingerprint)
             atomic_write_json(config_path, meta)
-        # The run refuses to start (or continue) when its remaining plan exceeds the budget.
-        remaining = [t for t in range(cfg.iterations) if f"round_{t:03d}" not in ledger]
-        ledger.check_plan([sigma] * len(remaining))
-        return ledger, sigma, num_units
+        # The run refuses to start (or continue) when what it still has to draw exceeds the budget.
+        todo = [plan.round_noise_multiplier] * sum(
+            1 for t in range(cfg.iterations) if not (self.round_dir(t) / "histogram.npz").exists()
+        )
+        if plan.count_noise_multiplier is not None and not self.count_path.exists():
+            todo.append(plan.count_noise_multiplier)
+        ledger.check_plan(todo)
+        return ledger, plan
+
+    def _charge_draw(self, ledger: PrivacyLedger, base: str, *, noise_multiplier: float, meta: dict[str, Any]) -> str:
+        """Charge one noise draw under a fresh ledger name (``base``, then ``base#2``, …)."""
+        name, attempt = base, 1
+        while name in ledger:
+            attempt += 1
+            name = f"{base}#{attempt}"
+        if attempt > 1:
+            self._redrawn.append(name)
+        ledger.charge(name, noise_multiplier=noise_multiplier, meta=meta)
+        return name
+
+    def _release_count(self, ledger: PrivacyLedger, plan: NoisePlan, num_units: int) -> NoisyCount | None:
+        """The DP count of units: re-read if released, else charged, drawn and written first."""
+        if plan.count_noise_multiplier is None:
+            return None
+        if self.count_path.exists():
+            data = json.loads(self.count_path.read_text())
+            if data.get("release") not in ledger:
+                raise RunStateError(
+                    f"{self.count_path} names no release of {self.ledger_path}; the state is inconsistent"
+                )
+            return NoisyCount.from_dict(data)
+        if any(self.state_dir.glob("round_*/histogram.npz")):
+            raise RunStateError(
+                f"{self.count_path} is missing but rounds were released after it and derived from it; "
+                "it cannot be drawn again: restore it or use a new directory"
+            )
+        name = self._charge_draw(
+            ledger, "unit_count", noise_multiplier=plan.count_noise_multiplier, meta={"kind": "unit_count"}
+        )
+        count = dp_count(num_units, noise_multiplier=plan.count_noise_multiplier, _noise=self._noise)
+        atomic_write_json(self.count_path, count.to_dict() | {"release": name})
+        return count
 
     # -- the loop --------------------------------------------------------------------------
     def run(
@@ -301,12 +427,32 @@ class PrivateEvolution(Generic[S]):
 
         ``units`` gives a privacy-unit id per private row for unit-level DP (default: one row, one unit).
         """
-        cfg = self.config
         private = private_embeddings
         units_arr = None if units is None else np.asarray(units)
         if units_arr is not None and units_arr.shape != (private.shape[0],):
             raise ValueError(f"units must have one id per private row ({private.shape[0]}), got {units_arr.shape}")
-        ledger, sigma, num_units = self._prepare(private, units_arr, resume)
+        if private.shape[0] == 0:
+            raise ValueError("there is no private data to vote with")
+        with self._exclusive():
+            return self._run_locked(private, units_arr, callbacks, resume)
+
+    def _run_locked(
+        self,
+        private: np.ndarray,
+        units_arr: np.ndarray | None,
+        callbacks: Sequence[Callable[[RoundResult[S]], None]],
+        resume: bool,
+    ) -> PEResult[S]:
+        cfg = self.config
+        ledger, plan = self._prepare(private, units_arr, resume)
+        num_units = int(private.shape[0]) if units_arr is None else len(np.unique(units_arr))
+        count = self._release_count(ledger, plan, num_units)
+        if count is not None:
+            try:
+                count.check_delta(plan.delta)
+            except ValueError as exc:
+                raise PrivacyPlanError(str(exc)) from None
+        sigma = plan.round_noise_multiplier
         resumed: list[int] = []
 
         population = self._initial_population()
@@ -355,18 +501,17 @@ class PrivateEvolution(Generic[S]):
             for i, j, s in zip(final.ids, selected_idx, final.samples, strict=True)
         ]
         atomic_write_jsonl(self.state_dir / "result.jsonl", result_rows)
-        if len(ledger) != cfg.iterations:
-            raise RuntimeError(f"ledger holds {len(ledger)} releases for {cfg.iterations} rounds")
-        delta = ledger.delta
         return PEResult(
             samples=final.samples,
             ids=final.ids,
             votes=noisy.values[selected_idx],
             ledger=ledger,
             noise_multiplier=sigma,
-            delta=delta,
-            num_units=num_units,
+            delta=ledger.delta,
+            plan=plan,
+            unit_count=count,
             rounds_resumed=resumed,
+            redrawn=list(self._redrawn),
         )
 
     def _initial_population(self) -> Population[S]:
@@ -403,6 +548,24 @@ class PrivateEvolution(Generic[S]):
             atomic_save_npy(path, emb)
         return emb
 
+    def _derived_from_round(self, t: int) -> list[Path]:
+        """What exists only once round t's histogram was read: its selection and everything after."""
+        found = [p for p in (self.round_dir(t) / "selected.json", self.state_dir / "result.jsonl") if p.exists()]
+        found += [p for p in self.state_dir.glob("round_*") if p.is_dir() and int(p.name[6:]) > t and any(p.iterdir())]
+        return found
+
+    def _refuse_lost_release(self, t: int) -> None:
+        """Round t's histogram is missing while something derived from it exists: never redraw it."""
+        path = self.round_dir(t) / "histogram.npz"
+        if path.exists():
+            return
+        derived = self._derived_from_round(t)
+        if derived:
+            raise RunStateError(
+                f"{path} is missing but results derived from it exist ({derived[0].relative_to(self.state_dir)}); "
+                "a released round is never drawn again: restore the file or start a new run in a new directory"
+            )
+
     def _release(
         self,
         t: int,
@@ -412,20 +575,22 @@ class PrivateEvolution(Generic[S]):
         ledger: PrivacyLedger,
         sigma: float,
     ) -> tuple[NoisyHistogram, bool]:
-        """The noisy histogram of round t: re-read if it was released before, else charge and draw."""
+        """The noisy histogram of round t: re-read if it was released, else charged, drawn, written."""
         path = self.round_dir(t) / "histogram.npz"
-        name = f"round_{t:03d}"
         if path.exists():
-            if name not in ledger:
+            arrays = load_npz(path)
+            if "release" not in arrays or str(arrays["release"]) not in ledger:
                 raise RunStateError(
-                    f"{path} exists but the ledger has no entry {name}; the state directory is inconsistent"
+                    f"{path} names no release of {self.ledger_path}; the state directory is inconsistent"
                 )
-            return NoisyHistogram.from_arrays(load_npz(path)), True
+            return NoisyHistogram.from_arrays(arrays), True
+        self._refuse_lost_release(t)
         candidates = self._candidate_embeddings(t, population)
-        if name not in ledger:
-            # Charged before any noise is drawn; a crash before the write below wastes this charge
-            # but the discarded draw was never seen, so the round is still released exactly once.
-            ledger.charge(name, noise_multiplier=sigma, meta={"round": t, "num_candidates": len(population)})
+        # Charged before any noise is drawn. A round charged earlier but never written (a crash in
+        # between) gets a new entry: every draw is a release, even one nobody saw.
+        name = self._charge_draw(
+            ledger, f"round_{t:03d}", noise_multiplier=sigma, meta={"round": t, "num_candidates": len(population)}
+        )
         cfg = self.config
         noisy = dp_histogram(
             private,
@@ -438,9 +603,9 @@ class PrivateEvolution(Generic[S]):
             backend=self.backend,
             chunk_size=self.chunk_size,
             device=self.device,
-            noise=self._noise,
+            _noise=self._noise,
         )
-        atomic_save_npz(path, noisy.as_arrays())
+        atomic_save_npz(path, noisy.as_arrays() | {"release": np.array(name)})
         return noisy, False
 
 

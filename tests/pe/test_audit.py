@@ -52,7 +52,7 @@ def run_mechanism(private: np.ndarray, candidates: np.ndarray, sigma: float, noi
     return np.array(
         [
             dp_histogram(
-                private, candidates, noise_multiplier=sigma, threshold=-np.inf, noise=noise, backend="numpy"
+                private, candidates, noise_multiplier=sigma, threshold=-np.inf, _noise=noise, backend="numpy"
             ).raw[0]
             for _ in range(TRIALS)
         ]

@@ -42,7 +42,7 @@ def config(**kw) -> PEConfig:
 
 
 def make(tmp: Path, cfg: PEConfig, noise=None, generator=None) -> PrivateEvolution:
-    return PrivateEvolution(generator or PointGenerator(), IdentityEmbedder(), cfg, tmp, noise=noise, backend="numpy")
+    return PrivateEvolution(generator or PointGenerator(), IdentityEmbedder(), cfg, tmp, _noise=noise, backend="numpy")
 
 
 PRIVATE = private_points(300)
@@ -54,8 +54,8 @@ def test_run_writes_checkpoints_and_ledger(tmp_path: Path) -> None:
     result = make(tmp_path, cfg).run(PRIVATE, callbacks=[lambda r: rounds_seen.append(r.round_index)])
     assert rounds_seen == [0, 1, 2, 3, 4]
     assert len(result.samples) == 20
-    assert len(result.ledger) == 5 and result.epsilon <= 4.0
-    assert result.delta == pytest.approx(1 / (300 * math.log(300)))
+    assert len(result.ledger) == 6 and result.epsilon <= 4.0  # the DP unit count and 5 rounds
+    assert result.delta == 1e-6  # public: never 1/(N·ln N) of the private N
     for t in range(5):
         rdir = tmp_path / f"round_{t:03d}"
         assert {p.name for p in rdir.iterdir()} >= {
@@ -69,7 +69,7 @@ def test_run_writes_checkpoints_and_ledger(tmp_path: Path) -> None:
     with np.load(tmp_path / "round_000" / "histogram.npz", allow_pickle=False) as z:
         assert z["values"].shape == (20 * 4,)
     ledger = PrivacyLedger.load(tmp_path / "ledger.json")
-    assert ledger.names() == [f"round_{t:03d}" for t in range(5)]
+    assert ledger.names() == ["unit_count"] + [f"round_{t:03d}" for t in range(5)]
 
 
 def test_refuses_existing_run_without_resume(tmp_path: Path) -> None:
@@ -82,7 +82,7 @@ def test_resume_refuses_changed_settings_or_data(tmp_path: Path) -> None:
     make(tmp_path, config(iterations=2)).run(PRIVATE)
     with pytest.raises(RunStateError, match="config"):
         make(tmp_path, config(iterations=2, strength=0.1)).run(PRIVATE, resume=True)
-    with pytest.raises(RunStateError, match="private_fingerprint"):
+    with pytest.raises(RunStateError, match="private data"):
         make(tmp_path, config(iterations=2)).run(PRIVATE[:-1].copy() + 0, resume=True)
 
 
@@ -97,13 +97,13 @@ def test_resume_after_kill_equals_uninterrupted_and_spends_once(tmp_path: Path, 
     noise_a = RecordingNoise()
     with pytest.raises(SimulatedKillError):
         make(tmp_path / "a", cfg, noise=noise_a).run(PRIVATE, callbacks=[killer])
-    assert len(noise_a.draws) == stop_after + 1
-    assert len(PrivacyLedger.load(tmp_path / "a" / "ledger.json")) == stop_after + 1
+    assert len(noise_a.draws) == stop_after + 2  # the DP unit count, then the rounds
+    assert len(PrivacyLedger.load(tmp_path / "a" / "ledger.json")) == stop_after + 2
 
     noise_b = RecordingNoise()
     resumed = make(tmp_path / "a", cfg, noise=noise_b).run(PRIVATE, resume=True)
     assert len(noise_b.draws) == cfg.iterations - stop_after - 1  # no fresh noise for released rounds
-    assert len(resumed.ledger) == cfg.iterations
+    assert len(resumed.ledger) == cfg.iterations + 1
     assert resumed.epsilon <= cfg.epsilon
 
     replay = RecordingNoise(replay=noise_a.draws + noise_b.draws)
@@ -123,26 +123,39 @@ def test_crash_after_release_before_selection_reuses_release(tmp_path: Path) -> 
     noise_a = RecordingNoise()
     with pytest.raises(SimulatedKillError):
         make(tmp_path, cfg, noise=noise_a, generator=FailingGenerator()).run(PRIVATE)
-    assert len(noise_a.draws) == 1 and (tmp_path / "round_000" / "histogram.npz").exists()
+    assert len(noise_a.draws) == 2 and (tmp_path / "round_000" / "histogram.npz").exists()
     noise_b = RecordingNoise()
     result = make(tmp_path, cfg, noise=noise_b).run(PRIVATE, resume=True)
     assert len(noise_b.draws) == cfg.iterations - 1
-    assert len(result.ledger) == cfg.iterations
+    assert len(result.ledger) == cfg.iterations + 1
     assert result.rounds_resumed == [0]
 
 
-def test_crash_after_charge_before_write_does_not_charge_twice(tmp_path: Path) -> None:
+class Boom:
+    def __call__(self, size):
+        raise SimulatedKillError
+
+
+def test_crash_after_charge_before_write_is_charged_again(tmp_path: Path) -> None:
+    """A draw lost in a crash is still a draw: drawing again is a new release, which a spent budget refuses."""
+    from private_evolution import BudgetExceededError
+
     cfg = config(iterations=3)
-
-    class Boom:
-        def __call__(self, size):
-            raise SimulatedKillError
-
     with pytest.raises(SimulatedKillError):
         make(tmp_path, cfg, noise=Boom()).run(PRIVATE)
-    assert PrivacyLedger.load(tmp_path / "ledger.json").names() == ["round_000"]
+    assert PrivacyLedger.load(tmp_path / "ledger.json").names() == ["unit_count"]
+    with pytest.raises(BudgetExceededError):
+        make(tmp_path, cfg).run(PRIVATE, resume=True)
+    assert PrivacyLedger.load(tmp_path / "ledger.json").names() == ["unit_count"]
+
+
+def test_crash_after_charge_redraw_is_recorded_when_the_budget_allows(tmp_path: Path) -> None:
+    cfg = config(iterations=3, noise_multiplier=50.0)  # rounds far below the budget leave room
+    with pytest.raises(SimulatedKillError):
+        make(tmp_path, cfg, noise=Boom()).run(PRIVATE)
     result = make(tmp_path, cfg).run(PRIVATE, resume=True)
-    assert len(result.ledger) == 3 and result.epsilon <= cfg.epsilon
+    assert result.ledger.names() == ["unit_count", "unit_count#2", "round_000", "round_001", "round_002"]
+    assert result.redrawn == ["unit_count#2"]
 
 
 def test_budget_plan_refused_before_any_release(tmp_path: Path) -> None:
@@ -160,9 +173,11 @@ def test_schedules_and_unit_level(tmp_path: Path) -> None:
     units = np.arange(len(PRIVATE)) // 3  # three rows per unit
     result = make(tmp_path, cfg).run(PRIVATE, units=units, callbacks=[lambda r: sizes.append(len(r.population))])
     assert sizes == [40, 40, 60]
-    assert len(result.samples) == 12 and result.num_units == 100
+    count = result.unit_count
+    assert len(result.samples) == 12 and count is not None and count.noise_multiplier > 0
+    assert abs(count.value - 100) < 6 * count.noise_multiplier  # 100 units, counted under DP
     meta = json.loads((tmp_path / "config.json").read_text())
-    assert meta["num_units"] == 100 and meta["delta"] == pytest.approx(1 / (100 * math.log(100)))
+    assert meta["delta"] == 1e-6 and "num_units" not in meta
 
 
 def test_lookahead_and_sample_selection(tmp_path: Path) -> None:

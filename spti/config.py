@@ -26,7 +26,9 @@ class RunConfig:
     preset: str = "quick"
     # privacy
     epsilon: float = 1.0
-    delta: float | None = None  # None: 1/(N·ln N) over the privacy units that vote
+    delta: float | None = None  # None: 1/(B·ln B) for units_bound B, else 1e-6 (public: never from N)
+    units_bound: int | None = None  # a public upper bound on the number of privacy units
+    count_share: float = 0.02  # share of the budget (of μ² in Gaussian DP) for the DP count of units
     privacy_unit: str = "image"
     # output
     num_samples: int = 100
@@ -45,9 +47,9 @@ class RunConfig:
     # text APIs
     domain: str = "generic"
     caption_max_tokens: int = 77
-    word_count_std: float = 3.0
-    min_words: int = 25
-    max_words: int = 60
+    word_count_std: float = 36.0  # σ_w of the target-length jitter (SPTI / Aug-PE)
+    min_words: int = 25  # floor of the target length
+    max_words: int | None = None  # optional cap on the target length; none by default, as the authors
     rephrase_fraction: float = 0.0
     temperature: float = 1.0
     top_p: float = 0.95
@@ -99,6 +101,10 @@ class RunConfig:
             raise bad(f"epsilon={self.epsilon}: must be > 0 (inf for no privacy)")
         if self.delta is not None and not 0 < self.delta < 1:
             raise bad(f"delta={self.delta}: must be in (0, 1), or 'auto'")
+        if self.units_bound is not None and self.units_bound < 3:
+            raise bad(f"units-bound={self.units_bound}: must be >= 3 (a public upper bound on the privacy units)")
+        if not 0 <= self.count_share < 1:
+            raise bad(f"count-share={self.count_share}: must be in [0, 1) (0 releases no DP count of units)")
         choices = {
             "privacy_unit": ("image", "folder"),
             "voting": ("text", "image"),
@@ -119,13 +125,19 @@ class RunConfig:
             "batch_size",
             "concurrency",
             "caption_max_tokens",
-            "max_words",
+            "min_words",
         )
         for name in positive:
             if getattr(self, name) < 1:
                 raise bad(f"{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.variation_folds < 1:
             raise bad("variation-folds must be >= 1")
+        if self.max_words is not None and self.max_words < self.min_words:
+            raise bad(f"max-words {self.max_words} is below min-words {self.min_words}")
+        if math.isnan(self.word_count_std) or self.word_count_std < 0:
+            raise bad(f"word-count-std must be >= 0, got {self.word_count_std}")
+        if not 0 <= self.rephrase_fraction <= 1:
+            raise bad(f"rephrase-fraction must be in [0, 1], got {self.rephrase_fraction}")
         if self.upscale not in (1, 2, 4):
             raise bad(f"upscale {self.upscale}: use 1, 2 or 4")
         if not self.strength or any(not 0 < s <= 1 for s in self.strength):
@@ -198,6 +210,11 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         population_size=2000,
         variation_folds=6,
         strength=[0.5],
+        # the authors' variation: σ_w = 36, at least 25 words, no word cap (DPITI textpe/run_pe_fill_in_the_blanks.py)
+        word_count_std=36.0,
+        min_words=25,
+        max_words=None,
+        rephrase_fraction=0.0,
         caption_model="Qwen/Qwen2.5-VL-7B-Instruct",
         llm_model="meta-llama/Meta-Llama-3-8B-Instruct",
         embedding_model="sentence-transformers/sentence-t5-base",

@@ -253,15 +253,34 @@ def test_canary_audit_catches_a_leaky_pipeline(run: Path, clip_spec: str, tiny_e
     assert json.loads((work / "canary_audit.json").read_text())["counts"]["planted_matched"] == 3
     assert not (work / "private_copy").exists()
     for name in ("run_control", "run_canaries"):
-        assert len(list((work / name / "release" / "images").glob("*.png"))) == 8
-    assert json.loads((work / "run_canaries" / "release" / "privacy.json").read_text())["num_units"] == 18
+        assert len(list((work / name / "audit_outputs" / "images").glob("*.png"))) == 8
+    canary_privacy = json.loads((work / "run_canaries" / "audit_outputs" / "privacy.json").read_text())
+    assert "num_units" not in canary_privacy and canary_privacy["unit_count"] is not None
+    check_private_tree(run)
+
+
+def check_private_tree(run: Path) -> None:
+    """The canary runs are more uses of the private data: nothing of them is named or moded as a release."""
+    work = run / "private" / "canary_audit"
+    assert not [p for p in work.rglob("*") if p.name == "release"], "a canary run's outputs are not a release"
+    for p in (run / "private").rglob("*"):
+        mode = p.stat().st_mode & 0o777
+        assert mode == (0o700 if p.is_dir() else 0o600), f"{p} has mode {oct(mode)}"
 
 
 def test_cli_canary_audit_end_to_end(app, run: Path, tiny_env) -> None:
     before = snapshot(run / "release")
+    from spti.rundir import RunDirectory
+
+    eps = RunDirectory(run).load_config().epsilon
     result = runner.invoke(app, ["audit", str(run), "--features", "wavelet", "--canaries", "2", "--quiet"])
     assert result.exit_code == 0, result.output
     assert "canaries: planted matched" in result.stdout
+    # the privacy cost is said first, in one line, before any work
+    first = result.stderr.splitlines()[0]
+    assert first.startswith("audit --canaries: reruns the pipeline twice on the same private data"), first
+    assert f"twice the run's ε again (2×{eps:g} = {2 * eps:g} more" in first
+    check_private_tree(run)
     report = check_outputs(run, before)
     canary = report["canary"]
     assert set(canary["counts"]) == {"planted_matched", "held_out_matched", "control_matched", "planted", "held_out"}

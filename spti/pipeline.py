@@ -12,8 +12,6 @@
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -273,6 +271,8 @@ def pe_config(cfg: RunConfig) -> Any:
         num_samples=cfg.num_samples,
         epsilon=cfg.epsilon,
         delta=cfg.delta,
+        units_bound=cfg.units_bound,
+        count_share=cfg.count_share,
         population_size=cfg.population_size,
         variation_folds=cfg.variation_folds,
         initial_population=cfg.initial_population,
@@ -295,7 +295,8 @@ def evolve_stage(
     *,
     captions_file: Path | None = None,
 ) -> list[dict[str, Any]]:
-    from private_evolution import BudgetExceededError, PrivateEvolution, RunStateError
+    from private_evolution import BudgetExceededError, PrivacyPlanError, PrivateEvolution, RunStateError
+    from spti.release import check_release_matches, file_sha256, privacy_statement, release_rows
     from spti.text_evolution import (
         FeatureCache,
         LLMDescriptionGenerator,
@@ -304,14 +305,23 @@ def evolve_stage(
         VariationSettings,
     )
 
-    private, units = _private_votes(cfg, run, models, reporter, captions_file)
-    num_units = len(np.unique(units))
+    state = run.state / "pe"
+    # A release on disk belongs to one ledger: never start a new one beside it.
+    if (run.release / "privacy.json").exists():
+        check_release_matches(run, state / "ledger.json")
+    elif not (state / "ledger.json").exists() and (
+        (run.release / "captions.jsonl").exists() or any((run.release / "images").glob("*.png"))
+    ):
+        raise SptiError(
+            f"{run.release} holds released files but {state / 'ledger.json'} is missing: a new ledger would mix "
+            "draws; start a new run in a new --output"
+        )
     pe_cfg = pe_config(cfg)
     try:
-        delta = pe_cfg.resolve_delta(num_units)
+        plan = pe_cfg.noise_plan()
     except ValueError as exc:
-        raise SptiError(f"too few privacy units ({num_units}) for the requested privacy: {exc}") from None
-    sigma = pe_cfg.resolve_noise_multiplier(delta)
+        raise SptiError(f"invalid privacy settings: {exc}") from None
+    private, units = _private_votes(cfg, run, models, reporter, captions_file)
 
     generator = LLMDescriptionGenerator(
         models.llm,
@@ -340,80 +350,39 @@ def evolve_stage(
             tag=f"{cfg.image_model}|{cfg.image_embedder}",
         )
     reporter.info(
-        f"evolve: {cfg.iterations} rounds, σ={sigma:.4g} per round, N={num_units} units, "
+        f"evolve: {cfg.iterations} rounds, σ={plan.round_noise_multiplier:.4g} per round at δ={plan.delta:.3g}, "
         f"{pe_cfg.population_at(1) if cfg.iterations > 1 else pe_cfg.population_at(0)} candidates a round, "
         f"{cfg.voting} voting"
     )
-    if sigma > 0 and num_units / pe_cfg.population_at(0) < sigma:
-        reporter.warn(
-            f"a candidate expects {num_units / pe_cfg.population_at(0):.3g} votes per round but the noise std is "
-            f"{sigma:.3g}: selection will be mostly noise (see `spti budget`)"
-        )
-    state = run.state / "pe"
     resume = (state / "config.json").exists()
     with reporter.progress("evolve (rounds)", cfg.iterations) as advance:
         completed = sum(1 for t in range(cfg.iterations) if (state / f"round_{t:03d}" / "complete.json").exists())
         advance(completed)
-        pe = PrivateEvolution(generator, space, pe_cfg, state)
+        pe = PrivateEvolution(generator, space, pe_cfg, state, private_dir=run.private / "pe")
         try:
             result = pe.run(private, units=units, resume=resume, callbacks=[lambda r: advance(1)])
-        except (BudgetExceededError, RunStateError) as exc:
+        except (BudgetExceededError, RunStateError, PrivacyPlanError) as exc:
             raise SptiError(str(exc)) from None
-    rows = [
-        {"index": i, "id": sid, "text": text, "votes": float(v)}
-        for i, (sid, text, v) in enumerate(zip(result.ids, result.samples, result.votes, strict=True))
-    ]
-    atomic_write_jsonl(run.release / "captions.jsonl", rows)
-    privacy = privacy_statement(cfg, result, models, generator.stats.as_dict())
+    for name in result.redrawn:
+        reporter.warn(f"release {name} was drawn again after a crash lost its first draw; it is charged")
+    rows = release_rows(result)
+    captions_path = run.release / "captions.jsonl"
+    atomic_write_jsonl(captions_path, rows)
+    run.record_private_endpoints("evolve", models.endpoints)
+    privacy = privacy_statement(
+        cfg, run, result, generation=generator.stats.as_dict(), captions_sha256=file_sha256(captions_path)
+    )
     atomic_write_json(run.release / "privacy.json", privacy)
+    run.share_release()
     run.mark("evolve", epsilon=privacy["epsilon"], num_samples=len(rows))
-    reporter.info(f"evolve: released {len(rows)} descriptions at ε={privacy['epsilon']:.4g}, δ={delta:.3g}")
+    for warning in privacy["warnings"]:
+        reporter.warn(warning)
+    eps = privacy["epsilon"]
+    reporter.info(
+        f"evolve: released {len(rows)} descriptions at ε={eps if isinstance(eps, str) else format(eps, '.4g')}, "
+        f"δ={plan.delta:.3g}"
+    )
     return rows
-
-
-def privacy_statement(cfg: RunConfig, result: Any, models: Any, generation: dict[str, int]) -> dict[str, Any]:
-    from importlib import metadata
-
-    versions = {}
-    for name in (
-        "spti",
-        "dp-accounting",
-        "numpy",
-        "torch",
-        "transformers",
-        "diffusers",
-        "sentence-transformers",
-        "openai",
-    ):
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
-    spent = result.ledger.spent_epsilon()
-    return {
-        "epsilon": spent if math.isfinite(spent) else "inf",
-        "epsilon_budget": cfg.epsilon if math.isfinite(cfg.epsilon) else "inf",
-        "delta": result.delta,
-        "noise_multiplier": result.noise_multiplier,
-        "iterations": cfg.iterations,
-        "releases": len(result.ledger),
-        "gdp_mu": result.ledger.mu() if math.isfinite(result.ledger.mu()) else "inf",
-        "privacy_unit": cfg.privacy_unit,
-        "num_units": result.num_units,
-        "neighbouring_relation": f"add or remove one privacy unit ({cfg.privacy_unit})",
-        "mechanism": (
-            "Gaussian mechanism on nearest-neighbour vote histograms (each unit's vote vector has L2 norm <= 1), "
-            f"k={cfg.k}, threshold={cfg.threshold}, {cfg.voting} voting; {cfg.iterations} releases composed "
-            "exactly as Gaussian DP; epsilon from dp-accounting's analytical Gaussian mechanism"
-        ),
-        "voting": cfg.voting,
-        "noise_source": "numpy PCG64DXSM seeded from OS entropy (independent of --seed)",
-        "private_data_sent_to": dict(models.endpoints),
-        "not_dp": "run/private/ (captions, embeddings, manifest) is not covered and must not be shared",
-        "generation_fallbacks": generation,
-        "versions": versions,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -421,14 +390,26 @@ def privacy_statement(cfg: RunConfig, result: Any, models: Any, generation: dict
 # --------------------------------------------------------------------------------------------
 def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Reporter) -> list[Path]:
     from private_evolution.population import derive_seed
+    from spti.release import check_release_matches, file_sha256
 
     captions_path = run.release / "captions.jsonl"
     if not captions_path.exists():
         raise SptiError(f"{run.root} has no released descriptions yet; run `spti evolve` first")
+    check_release_matches(run, run.state / "pe" / "ledger.json")
     rows = read_jsonl(captions_path)
     out_dir = run.release / "images"
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = [out_dir / f"{row['index']:05d}.png" for row in rows]
+    # Images belong to the descriptions they were drawn from: never mix renders of two releases.
+    render_record = run.state / "render.json"
+    captions_sha = file_sha256(captions_path)
+    drawn_from = json.loads(render_record.read_text()).get("captions_sha256") if render_record.exists() else None
+    if any(out_dir.glob("*.png")) and drawn_from != captions_sha:
+        raise SptiError(
+            f"{out_dir} holds images drawn from other descriptions than {captions_path}; "
+            "start a new run in a new --output"
+        )
+    atomic_write_json(render_record, {"captions_sha256": captions_sha})
     todo = [i for i, p in enumerate(paths) if not p.exists()]
     final = cfg.render_size * (cfg.upscale if models.upscaler is not None else 1)
     reporter.info(

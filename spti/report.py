@@ -55,16 +55,37 @@ def write_report(run: RunDirectory, cfg: RunConfig, *, extra_sections: Sequence[
     privacy = json.loads((release / "privacy.json").read_text()) if (release / "privacy.json").exists() else {}
     captions = read_jsonl(release / "captions.jsonl") if (release / "captions.jsonl").exists() else []
     eps = privacy.get("epsilon", "?")
-    statement = (
-        f"The {len(captions)} descriptions and images in this folder were produced by a mechanism that is "
-        f"(ε = {_fmt(eps)}, δ = {_fmt(privacy.get('delta', '?'))})-differentially private with respect to adding "
-        f"or removing one {privacy.get('privacy_unit', 'image')} of the private data "
-        f"({privacy.get('num_units', '?')} units voted). The private data influenced the output only through "
-        f"{privacy.get('releases', '?')} noisy vote histograms (Gaussian noise, σ = "
-        f"{_fmt(privacy.get('noise_multiplier', '?'))} per round); rendering and upscaling are post-processing."
+    count = privacy.get("unit_count") or {}
+    count_text = (
+        f" A DP count put the number of units at about {_fmt(count['value'])} (noise σ = "
+        f"{_fmt(count['noise_multiplier'])}); the exact number is not released."
+        if count
+        else ""
     )
+    releases = privacy.get("ledger", {}).get("releases", [])
+    if privacy.get("differentially_private", eps != "inf"):
+        statement = (
+            f"The {len(captions)} descriptions and images in this folder were produced by a mechanism that is "
+            f"(ε = {_fmt(eps)}, δ = {_fmt(privacy.get('delta', '?'))})-differentially private with respect to "
+            f"adding or removing one {privacy.get('unit_source', privacy.get('privacy_unit', 'image'))} of the "
+            f"private data. The private data influenced the output only through {len(releases)} noisy releases "
+            f"(Gaussian noise, σ = {_fmt(privacy.get('noise_multiplier', '?'))} per round); rendering and "
+            f"upscaling are post-processing.{count_text}"
+        )
+        box = "statement"
+    else:
+        statement = (
+            f"NOT DIFFERENTIALLY PRIVATE: this run used ε = ∞ (no noise). The {len(captions)} descriptions and "
+            "images may reveal the private data; do not share them as private."
+        )
+        box = "statement notdp"
     sent = privacy.get("private_data_sent_to", {})
-    hosted = {k: v for k, v in sent.items() if v != "local"}
+    hosted = {
+        f"{stage}/{role}": endpoint
+        for stage, roles in sent.items()
+        for role, endpoint in (roles.items() if isinstance(roles, dict) else [(stage, roles)])
+        if endpoint != "local"
+    }
     threat = (
         "Private data were processed by local models only."
         if not hosted
@@ -72,10 +93,11 @@ def write_report(run: RunDirectory, cfg: RunConfig, *, extra_sections: Sequence[
         + ", ".join(f"{html.escape(k)} → {html.escape(v)}" for k, v in hosted.items())
         + ". Differential privacy protects against readers of this release, not against those providers."
     )
+    shown = {k: v for k, v in privacy.items() if k not in ("versions", "ledger", "not_dp", "privacy_profile")}
+    shown["ledger releases"] = ", ".join(f"{r['name']} (σ = {r['noise_multiplier']:.4g})" for r in releases) or "none"
+    shown["not covered by DP"] = "; ".join(f"{k} {v}" for k, v in privacy.get("not_dp", {}).items())
     privacy_rows = "".join(
-        f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>"
-        for k, v in privacy.items()
-        if k not in ("versions",)
+        f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in shown.items()
     )
     settings_rows = "".join(
         f"<tr><th>{html.escape(k)}</th><td>{html.escape(_fmt(v))}</td></tr>" for k, v in cfg.to_dict().items()
@@ -98,10 +120,11 @@ vertical-align:top;font-size:.9rem}} th{{background:#f4f4f4}}
 .grid{{display:grid;grid-template-columns:repeat(auto-fill,minmax(200px,1fr));gap:12px}}
 figure{{margin:0}} img{{width:100%;border-radius:4px}} figcaption{{font-size:.8rem;color:#444}}
 .statement{{background:#eef6ee;border-left:4px solid #3a3;padding:1rem}}
+.notdp{{background:#fbeaea;border-left-color:#c33}}
 </style></head><body>
 <h1>Synthetic release ({html.escape(cfg.preset)} preset)</h1>
 <h2>Privacy statement</h2>
-<p class="statement">{html.escape(statement)}</p>
+<p class="{box}">{html.escape(statement)}</p>
 <p>{threat}</p>
 <table>{privacy_rows}</table>
 <h2>Settings</h2>

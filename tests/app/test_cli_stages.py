@@ -59,7 +59,8 @@ def test_evolve_with_own_captions(tmp_path: Path) -> None:
     r = invoke("evolve", "--captions", str(captions), "--output", str(run), "--preset", "smoke", "--epsilon", "2")
     assert r.exit_code == 0, r.output
     privacy = json.loads((run / "release" / "privacy.json").read_text())
-    assert privacy["num_units"] == 10
+    assert privacy["unit_source"] == "captions file 'unit' field"
+    assert abs(privacy["unit_count"]["value"] - 10) <= 6 * privacy["unit_count"]["noise_multiplier"]
     assert privacy["epsilon"] <= 2.0
 
 

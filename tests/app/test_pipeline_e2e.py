@@ -50,13 +50,16 @@ def check_release(run: Path, num_samples: int, epsilon: float) -> dict:
         "noise_multiplier",
         "iterations",
         "privacy_unit",
-        "num_units",
+        "unit_count",
+        "ledger",
         "mechanism",
         "versions",
     ):
         assert key in privacy
+    assert "num_units" not in privacy  # the exact number of units is private
     ledger = PrivacyLedger.load(run / "state" / "pe" / "ledger.json")
-    assert len(ledger) == privacy["iterations"]
+    assert len(ledger) == privacy["iterations"] + 1  # the rounds and the DP unit count
+    assert [r["name"] for r in privacy["ledger"]["releases"]] == ledger.names()
     assert (run / "release" / "contact_sheet.png").exists()
     report = (run / "release" / "report.html").read_text()
     assert "Privacy statement" in report
@@ -77,7 +80,7 @@ def test_smoke_text_voting(private_folder: Path, tmp_path: Path) -> None:
     result = synth(private_folder, out, "--preset", "smoke")
     assert result.exit_code == 0, result.output
     privacy = check_release(out, 8, 1.0)
-    assert privacy["num_units"] == 15
+    assert abs(privacy["unit_count"]["value"] - 15) <= 6 * privacy["unit_count"]["noise_multiplier"]
     assert privacy["voting"] == "text"
     with Image.open(next((out / "release" / "images").glob("*.png"))) as im:
         assert im.size == (64, 64)  # 32² rendered, ×2 Lanczos
@@ -94,7 +97,7 @@ def test_smoke_image_voting_folder_units(private_folder: Path, tmp_path: Path) -
     )
     assert result.exit_code == 0, result.output
     privacy = check_release(out, 8, 4.0)
-    assert privacy["num_units"] == 5
+    assert abs(privacy["unit_count"]["value"] - 5) <= 6 * privacy["unit_count"]["noise_multiplier"]
     assert privacy["privacy_unit"] == "folder"
     assert not (out / "private" / "captions.jsonl").exists()  # image voting needs no captions
     assert (out / "private" / "image_features.npy").exists()
@@ -158,12 +161,12 @@ def test_kill_mid_evolve_never_spends_twice(private_folder: Path, tmp_path: Path
     result = synth(private_folder, out, "--preset", "smoke", "--iterations", "3")
     assert result.exit_code == 130
     first = np.load(out / "state" / "pe" / "round_001" / "histogram.npz")["values"].copy()
-    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 2
+    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 3  # count, round 0, round 1
     monkeypatch.setattr(loop.PrivateEvolution, "_release", original)
     resumed = synth(private_folder, out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     np.testing.assert_array_equal(np.load(out / "state" / "pe" / "round_001" / "histogram.npz")["values"], first)
-    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 3
+    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 4
     check_release(out, 8, 1.0)
 
 
@@ -188,7 +191,7 @@ def test_bad_input_folder(tmp_path: Path) -> None:
         ("missing", "does not exist"),
         ("no_images", "no valid image"),
         ("inside", "inside"),
-        ("few_units", "too few privacy units"),
+        ("few_units", "delta must stay below 1/n"),
     ],
 )
 def test_fatal_input_errors_are_one_line(tmp_path: Path, setup: str, message: str) -> None:
@@ -239,7 +242,8 @@ def test_openai_provider_end_to_end_with_faults_and_resume(private_folder: Path,
         assert result.exit_code == 0, result.output
         assert "sent to" in result.output
         privacy = check_release(out, 6, 2.0)
-        assert privacy["private_data_sent_to"]["caption"].startswith("http://127.0.0.1")
+        assert privacy["private_data_sent_to"]["caption"]["caption"].startswith("http://127.0.0.1")
+        assert privacy["private_data_sent_to"]["evolve"]["text_embedding"].startswith("http://127.0.0.1")
         before = server.stats.snapshot()
         assert before["by_status"].get("429", 0) > 0  # the faults were really injected
         # a resumed finished run sends nothing new

@@ -22,6 +22,7 @@ _EPILOG = (
     "RUN_DIR/private/evaluation.json and evaluation.html for you only.\n\n"
     "Examples:\n\n"
     "  spti evaluate runs/faces --inception-weights ~/models/pt_inception-2015-12-05-6726825d.pth\n\n"
+    "  spti evaluate runs/faces --protocol paper --metrics fid --inception-weights inception-2015-12-05.pt\n\n"
     "  spti evaluate runs/faces --metrics wavelet,text-fd --max-images 200 --json"
 )
 
@@ -56,7 +57,8 @@ def evaluate(
         Path | None,
         typer.Option(
             "--inception-weights",
-            help="FID Inception-v3 weights (pt_inception-2015-12-05-6726825d.pth); without it FID is skipped.",
+            help="FID Inception-v3 weights: pytorch-fid's pt_inception-2015-12-05-6726825d.pth or the "
+            "TorchScript inception-2015-12-05.pt (StyleGAN, clean-fid); without it FID is skipped.",
         ),
     ] = None,
     clip_model: Annotated[
@@ -74,6 +76,19 @@ def evaluate(
         int | None,
         typer.Option("--max-images", min=2, help="Use a fixed random subset of at most N images per side."),
     ] = None,
+    protocol: Annotated[
+        str,
+        typer.Option(
+            "--protocol",
+            help="native: the images as they are. paper: FID comparable with the SPTI paper (both sides "
+            "Resize(256)+CenterCrop(256), clean-fid bicubic resize to 299, up to --reference-size private images).",
+        ),
+    ] = "native",
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the private reference draw (--protocol paper).")] = 0,
+    reference_size: Annotated[
+        int,
+        typer.Option("--reference-size", min=2, help="Private reference images under --protocol paper."),
+    ] = 20_000,
     as_json: Annotated[bool, typer.Option("--json", help="Print the evaluation as one JSON object.")] = False,
 ) -> None:
     """Compare the release with the private data (FID, FD-DINOv2/CLIP, precision/recall, CLIP score,
@@ -102,6 +117,9 @@ def evaluate(
             text_model=text_model,
             max_images=max_images,
             progress=say,
+            protocol=protocol,
+            seed=seed,
+            reference_size=reference_size,
         )
     typer.secho(f"warning: {NOT_DP_WARNING}", fg="red", bold=True, err=True)
     if as_json:

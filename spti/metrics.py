@@ -34,6 +34,7 @@ __all__ = [
     "kth_neighbour_distances",
     "nearest_neighbour_distances",
     "precision_recall",
+    "round_metrics",
     "text_stats",
     "tokenize_words",
     "wavelet_band_names",
@@ -144,9 +145,12 @@ def frechet_distance_features(a: np.ndarray, b: np.ndarray, **kwargs: Any) -> fl
     images in 2048-d), both covariances have rank below ``d`` and the trace term is computed
     exactly in sample space: with centred data ``A`` (n × d) and ``B`` (m × d),
     ``tr((Σa Σb)^½) = ||A Bᵀ||_* / √((n−1)(m−1))`` (the nonzero eigenvalues of ``Σa Σb`` are the
-    squared singular values of ``A Bᵀ`` scaled). That avoids ``sqrtm`` exactly where it is slowest
-    (minutes for 2048-d on a laptop CPU) and least stable (a singular product), with no ``eps``
-    bias. Otherwise :func:`frechet_distance` (``sqrtm``) is used; ``kwargs`` go to it.
+    squared singular values of ``A Bᵀ`` scaled). When the other set is larger than ``d`` (a few
+    thousand selected candidates against a large private set), the same eigenvalues come from the
+    smaller set's ``n × n`` matrix ``A Σb Aᵀ / (n−1)`` (symmetric, ``eigvalsh``), so memory stays
+    at ``d²`` rather than ``n·m``. That avoids ``sqrtm`` exactly where it is slowest (minutes for
+    2048-d on a laptop CPU) and least stable (a singular product), with no ``eps`` bias.
+    Otherwise :func:`frechet_distance` (``sqrtm``) is used; ``kwargs`` go to it.
     """
     fa, fb = _as_features(a, "a"), _as_features(b, "b")
     if fa.shape[1] != fb.shape[1]:
@@ -160,9 +164,41 @@ def frechet_distance_features(a: np.ndarray, b: np.ndarray, **kwargs: Any) -> fl
     ca, cb = fa - mu_a, fb - mu_b
     trace_a = float(np.einsum("ij,ij->", ca, ca)) / (n - 1)
     trace_b = float(np.einsum("ij,ij->", cb, cb)) / (m - 1)
-    trace_root = float(np.linalg.svd(ca @ cb.T, compute_uv=False).sum()) / np.sqrt((n - 1) * (m - 1))
+    small, big = (ca, cb) if n <= m else (cb, ca)
+    if big.shape[0] <= fa.shape[1]:
+        trace_root = float(np.linalg.svd(ca @ cb.T, compute_uv=False).sum()) / np.sqrt((n - 1) * (m - 1))
+    else:
+        # the larger set has more rows than dimensions: its d × d covariance is smaller than the
+        # n × m cross product, and Σs Σb shares its nonzero eigenvalues with the symmetric PSD
+        # Cs Σb Csᵀ / (ns − 1) (ns × ns), whose eigenvalues eigvalsh computes stably
+        cov_big = big.T @ big / (big.shape[0] - 1)
+        inner = small @ cov_big @ small.T / (small.shape[0] - 1)
+        trace_root = float(np.sqrt(np.clip(np.linalg.eigvalsh((inner + inner.T) / 2), 0.0, None)).sum())
     diff = mu_a - mu_b
     return max(float(diff @ diff) + trace_a + trace_b - 2.0 * trace_root, 0.0)
+
+
+def round_metrics(selected_embeddings: np.ndarray, private_embeddings: np.ndarray) -> dict[str, Any]:
+    """Owner-only metrics of one PE round: the Fréchet distance, in the voting space, between the
+    candidates the round selected and the private set.
+
+    Returns ``{"fd_voting_space": float | None, "num_selected": int}``; the PE loop adds
+    ``"round"`` and appends the object as one line to ``RUN_DIR/private/metrics_by_round.jsonl``,
+    which ``spti evaluate`` plots. With fewer than two rows on a side there is no covariance and
+    ``fd_voting_space`` is ``None`` (JSON ``null``; a run must not fail over a diagnostic).
+    Selected sets are usually smaller than the voting space is wide (2,000 candidates in Inception's
+    2,048 dimensions); :func:`frechet_distance_features` then takes the exact sample-space route
+    (an SVD of the n × m cross product, no ``sqrtm`` of a singular matrix, no ``eps`` bias).
+
+    NOT differentially private: it reads the private embeddings outside the DP mechanism, so it is
+    for the data owner and must never reach ``release/``.
+    """
+    selected = _as_features(selected_embeddings, "selected_embeddings")
+    private = _as_features(private_embeddings, "private_embeddings")
+    if selected.shape[1] != private.shape[1]:
+        raise ValueError(f"embedding dimensions differ: {selected.shape[1]} vs {private.shape[1]}")
+    fd = frechet_distance_features(selected, private) if min(len(selected), len(private)) >= 2 else None
+    return {"fd_voting_space": fd, "num_selected": int(selected.shape[0])}
 
 
 # --------------------------------------------------------------------------------------------

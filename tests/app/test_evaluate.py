@@ -89,6 +89,14 @@ class TestFrechet:
         slow = metrics.frechet_distance(*metrics.gaussian_stats(a), *metrics.gaussian_stats(b))
         assert fast == pytest.approx(slow, rel=1e-5)
 
+    def test_eigen_route_for_a_small_set_against_a_large_one(self) -> None:
+        """n ≤ d < m: the n × n eigen route agrees with sqrtm, in either argument order."""
+        rng = np.random.default_rng(6)
+        small, large = rng.normal(size=(10, 24)), 1.5 * rng.normal(size=(400, 24)) + 0.3
+        slow = metrics.frechet_distance(*metrics.gaussian_stats(small), *metrics.gaussian_stats(large))
+        assert metrics.frechet_distance_features(small, large) == pytest.approx(slow, rel=1e-6)
+        assert metrics.frechet_distance_features(large, small) == pytest.approx(slow, rel=1e-6)
+
     def test_singular_covariances(self) -> None:
         # the product is the zero matrix: tr(S1) + tr(S2) remains
         s1, s2 = np.diag([1.0, 0.0]), np.diag([0.0, 1.0])
@@ -106,6 +114,26 @@ class TestFrechet:
             metrics.frechet_distance_features(np.ones((3, 2)), np.ones((3, 4)))
         with pytest.raises(ValueError, match="shapes"):
             metrics.frechet_distance(np.zeros(2), np.eye(3), np.zeros(2), np.eye(2))
+
+
+class TestRoundMetrics:
+    def test_selected_set_closer_to_the_private_set_scores_lower(self) -> None:
+        rng = np.random.default_rng(7)
+        private = rng.normal(size=(500, 16))
+        near, far = rng.normal(size=(12, 16)) + 0.1, rng.normal(size=(12, 16)) + 2.0  # n < d
+        got_near, got_far = metrics.round_metrics(near, private), metrics.round_metrics(far, private)
+        assert got_near["num_selected"] == got_far["num_selected"] == 12
+        assert 0 < got_near["fd_voting_space"] < got_far["fd_voting_space"]
+        # the mean term alone: ||Δμ||² = 16 · 2² for the far set, up to sampling noise
+        assert got_far["fd_voting_space"] == pytest.approx(64.0, rel=0.35)
+        assert got_near == metrics.round_metrics(near, private)
+        json.dumps(got_near)  # plain JSON types, ready for metrics_by_round.jsonl
+
+    def test_too_few_rows_give_null_and_bad_shapes_raise(self) -> None:
+        private = np.random.default_rng(8).normal(size=(50, 4))
+        assert metrics.round_metrics(private[:1], private) == {"fd_voting_space": None, "num_selected": 1}
+        with pytest.raises(ValueError, match="dimensions differ"):
+            metrics.round_metrics(private[:, :3], private)
 
 
 # --------------------------------------------------------------------------------------------
@@ -387,7 +415,8 @@ def test_evaluate_smoke_run(smoke_run: Path, tiny_extractors: dict[str, Path]) -
     assert "fd-dinov2" in page
 
     assert _release_snapshot(smoke_run) == before  # nothing written to (or changed in) release/
-    assert "evaluation" not in (smoke_run / "release" / "report.html").read_text().lower()
+    shared_page = (smoke_run / "release" / "report.html").read_text().lower()
+    assert not any(name in shared_page for name in ("fd-dinov2", "precision-recall", "clip-score", "text-fd"))
 
 
 def test_fid_with_a_weights_file_and_json_output(smoke_run: Path, tiny_extractors: dict[str, Path]) -> None:

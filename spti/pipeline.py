@@ -334,6 +334,8 @@ def evolve_stage(
             temperature=cfg.temperature,
             top_p=cfg.top_p,
         ),
+        # per-call counts on disk, so privacy.json sums fallbacks over every process of the run
+        stats_path=run.state / "llm_stats.jsonl",
     )
     if cfg.voting == "text":
         space: Any = TextVoteSpace(models.text_embedder)

@@ -332,15 +332,19 @@ def junk_reason(
 ) -> str | None:
     """Why a cleaned answer is unusable, or ``None`` if it is a description.
 
-    Reasons: ``empty``; ``refusal`` ("I'm sorry", "As an AI"); ``non_text`` (mostly symbols or digits, or
-    one word repeated); ``echo`` (a 6-word run of the instructions repeated); ``blanks`` (a "_" or
-    "[blank]" left); ``too_short`` (fewer than ``min_words`` words).
+    Reasons, checked in this order: ``empty``; ``refusal`` ("I'm sorry", "As an AI"); ``echo`` (a 6-word
+    run of the instructions repeated); ``blanks`` (a "_" or "[blank]" left); ``non_text`` (mostly symbols
+    or digits, or one word repeated); ``too_short`` (fewer than ``min_words`` words).
     """
     if not text or not text.strip():
         return "empty"
     text = text.replace("’", "'")
     if _REFUSAL_START.search(text) or _REFUSAL_ANY.search(text):
         return "refusal"
+    if instructions and _ngrams(text) & instructions:
+        return "echo"
+    if _BLANK.search(text):
+        return "blanks"
     visible = [c for c in text if not c.isspace()]
     letters = sum(c.isalpha() for c in visible)
     words = re.findall(r"[^\W\d_]{2,}", text)
@@ -348,10 +352,6 @@ def junk_reason(
         return "non_text"
     if len(words) >= 8 and Counter(w.lower() for w in words).most_common(1)[0][1] > 0.4 * len(words):
         return "non_text"
-    if instructions and _ngrams(text) & instructions:
-        return "echo"
-    if _BLANK.search(text):
-        return "blanks"
     if len(text.split()) < min_words:
         return "too_short"
     return None

@@ -115,6 +115,34 @@ def load_pretrained(load: Callable[..., T], model: str | os.PathLike[str], what:
         raise
 
 
+def split_gguf(model: str | os.PathLike[str]) -> tuple[str, str | None]:
+    """``(directory or repo id, GGUF file name)`` of a model spec; ``(spec, None)`` when it names no GGUF file.
+
+    Accepted: a local ``path/to/model.gguf``; ``repo_id:file.gguf`` (a file in a Hugging Face repository, or
+    in a local directory); anything else is returned unchanged. transformers loads GGUF through
+    ``from_pretrained(directory_or_repo, gguf_file=name)`` and de-quantises the weights.
+    """
+    spec = str(model)
+    if not spec.lower().endswith(".gguf"):
+        return spec, None
+    path = Path(spec).expanduser()
+    if path.is_file():
+        return str(path.parent), path.name
+    head, sep, tail = spec.rpartition(":")
+    # "C:/models/x.gguf" is a Windows path, not repo "C" + file
+    if sep and head and tail and not (len(head) == 1 and tail[:1] in "\\/"):
+        return head, tail
+    if spec.startswith(("/", "./", "../", "~")):
+        raise ModelNotFoundError(f"GGUF file '{spec}' does not exist")
+    parts = spec.split("/")
+    if len(parts) >= 3:  # "org/repo/sub/file.gguf": a file inside a hub repository
+        return "/".join(parts[:2]), "/".join(parts[2:])
+    raise SptiError(
+        f"cannot tell where the GGUF file '{spec}' is: pass a local path to the .gguf file or "
+        "REPO_ID:FILE.gguf (e.g. HuggingFaceTB/SmolLM2-135M-Instruct-GGUF:smollm2-135m-instruct-q8_0.gguf)"
+    )
+
+
 def batched(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
     if size < 1:
         raise ValueError(f"batch size must be >= 1, got {size}")

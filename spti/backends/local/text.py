@@ -27,6 +27,7 @@ from spti.backends.local._common import (
     require,
     resolve_device,
     resolve_dtype,
+    split_gguf,
     transformers_dtype_kwargs,
 )
 from spti.errors import SptiError
@@ -53,10 +54,12 @@ def _pad_left(tokenizer: Any, model: str) -> None:
         raise SptiError(f"the tokenizer of '{model}' has neither a pad, an EOS nor an UNK token")
 
 
-def _load_for_inference(loader: Any, model: str, what: str, device: str, dtype: Any, trust_remote_code: bool) -> Any:
+def _load_for_inference(
+    loader: Any, model: str, what: str, device: str, dtype: Any, trust_remote_code: bool, **extra: Any
+) -> Any:
     """``from_pretrained`` with device placement (on CUDA while loading), moved and set to eval."""
     loaded = load_pretrained(
-        loader, model, what, trust_remote_code=trust_remote_code, **_placement_kwargs(device, dtype)
+        loader, model, what, trust_remote_code=trust_remote_code, **_placement_kwargs(device, dtype), **extra
     )
     if not device.startswith("cuda"):
         loaded.to(device)
@@ -124,6 +127,10 @@ class _LocalModel:
 class HFTextGenerator(_LocalModel):
     """Chat completion with a local causal LM (e.g. SmolLM2-360M-Instruct, Llama-3-8B-Instruct).
 
+    ``model`` is a hub id, a directory, or a GGUF file: ``path/to/model.gguf`` or ``repo_id:file.gguf``
+    (tokenizer, chat template and weights all come from the GGUF file; transformers de-quantises the
+    weights to ``dtype``, so memory is that of the unquantised model; needs the ``gguf`` package).
+
     Conversations are rendered with the tokenizer's chat template (``add_generation_prompt=True``), sorted
     by length and batched with LEFT padding, so every row's last prompt token sits next to its first new
     token (right padding would make a decoder-only model continue after pad tokens). Sampling uses
@@ -145,14 +152,25 @@ class HFTextGenerator(_LocalModel):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.model_name = str(model)
+        source, gguf_file = split_gguf(model)
+        extra: dict[str, Any] = {}
+        if gguf_file is not None:
+            require("gguf")
+            extra["gguf_file"] = gguf_file
         self.tokenizer = load_pretrained(
-            AutoTokenizer.from_pretrained, model, "tokenizer", trust_remote_code=trust_remote_code
+            AutoTokenizer.from_pretrained, source, "tokenizer", trust_remote_code=trust_remote_code, **extra
         )
         if not getattr(self.tokenizer, "chat_template", None):
             raise SptiError(f"the tokenizer of '{model}' has no chat template; use an instruction-tuned (chat) model")
-        _pad_left(self.tokenizer, model)
+        _pad_left(self.tokenizer, self.model_name)
         self.model = _load_for_inference(
-            AutoModelForCausalLM.from_pretrained, model, "language model", self.device, self.dtype, trust_remote_code
+            AutoModelForCausalLM.from_pretrained,
+            source,
+            "language model",
+            self.device,
+            self.dtype,
+            trust_remote_code,
+            **extra,
         )
 
     # -- prompt rendering -------------------------------------------------------------------

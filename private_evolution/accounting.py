@@ -11,6 +11,7 @@ No root finding is written here.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -123,7 +124,9 @@ def gdp_mu(noise_multipliers: float | Sequence[float], rounds: int = 1) -> float
     return math.sqrt(sum(1.0 / (s * s) for s in sigmas))
 
 
+@functools.lru_cache(maxsize=4096)
 def _epsilon_from_mu(mu: float, delta: float) -> float:
+    # Cached: a run asks for the same spent ε several times a round, and each answer is a root search.
     if mu == 0:
         return 0.0
     if math.isinf(mu):
@@ -412,13 +415,19 @@ def _from_json_float(x: float | str) -> float:
     return math.inf if x == "inf" else float(x)
 
 
-def library_versions() -> dict[str, str]:
+@functools.lru_cache(maxsize=1)
+def _library_versions() -> tuple[tuple[str, str], ...]:
     from importlib import metadata
 
-    out: dict[str, str] = {}
+    out: list[tuple[str, str]] = []
     for name in ("spti", "dp-accounting", "numpy"):
         try:
-            out[name] = metadata.version(name)
+            out.append((name, metadata.version(name)))
         except metadata.PackageNotFoundError:
-            out[name] = "unknown"
-    return out
+            out.append((name, "unknown"))
+    return tuple(out)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the packages the ledger's numbers depend on (read once per process)."""
+    return dict(_library_versions())

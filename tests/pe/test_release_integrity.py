@@ -180,3 +180,66 @@ def test_state_files_name_their_release(tmp_path: Path) -> None:
             assert str(data["release"]) in result.ledger
     saved = json.loads((tmp_path / "config.json").read_text())
     assert "num_units" not in json.dumps(saved) and "fingerprint" not in json.dumps(saved)
+
+
+# --------------------------------------------------------------------------------------------
+# Unit-level DP through the loop
+# --------------------------------------------------------------------------------------------
+class _TargetGenerator(PointGenerator):
+    """Every batch starts with the same target point (a duplicate in every fold)."""
+
+    def random(self, n, *, seed=None):  # type: ignore[no-untyped-def]
+        out = super().random(n, seed=seed)
+        out[0] = [9.5, 9.5]
+        return out
+
+    def vary(self, samples, strength, *, seed=None):  # type: ignore[no-untyped-def]
+        out = super().vary(samples, strength, seed=seed)
+        out[0] = [9.5, 9.5]
+        return out
+
+
+def _target_votes(
+    tmp: Path, epsilon: float, units: np.ndarray | None, private: np.ndarray
+) -> list[tuple[np.ndarray, int]]:
+    """Each round's raw histogram and the index of the target's first copy (where its unit votes)."""
+    cfg = config(epsilon=epsilon, iterations=3)
+    PrivateEvolution(_TargetGenerator(), IdentityEmbedder(), cfg, tmp, backend="numpy").run(private, units=units)
+    out = []
+    for t in range(cfg.iterations):
+        rows = [json.loads(line) for line in (tmp / f"round_{t:03d}" / "population.jsonl").read_text().splitlines()]
+        first = next(i for i, r in enumerate(rows) if r["sample"] == [9.5, 9.5])
+        with np.load(tmp / f"round_{t:03d}" / "histogram.npz", allow_pickle=False) as data:
+            out.append((np.array(data["raw"]), first))
+    return out
+
+
+def _one_unit_on_the_target() -> tuple[np.ndarray, np.ndarray]:
+    many = np.full((25, 2), 9.5, dtype=np.float32) + 0.01 * np.arange(25, dtype=np.float32)[:, None]
+    private = np.concatenate([PRIVATE[:60], many])
+    units = np.concatenate([np.arange(60), np.full(25, 1000)])  # one unit holds all 25 target rows
+    return private, units
+
+
+def test_one_unit_with_many_rows_moves_a_bin_by_at_most_one(tmp_path: Path) -> None:
+    private, units = _one_unit_on_the_target()
+    for t, (raw, target) in enumerate(_target_votes(tmp_path, float("inf"), units, private)):
+        assert raw[target] == pytest.approx(1.0), (t, raw[target])  # ε = ∞: raw is the clean histogram
+
+
+def test_the_unit_test_fails_when_unit_ids_are_dropped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Mutation check of the test above: with the unit ids ignored, one unit moves a bin by 25."""
+    from private_evolution import histogram as H
+
+    original = H.histogram_from_neighbors
+    monkeypatch.setattr(H, "histogram_from_neighbors", lambda idx, m, units=None: original(idx, m, None))
+    private, units = _one_unit_on_the_target()
+    assert all(raw[target] >= 25 - 1e-9 for raw, target in _target_votes(tmp_path, float("inf"), units, private))
+
+
+def test_bins_without_votes_receive_noise(tmp_path: Path) -> None:
+    private, units = _one_unit_on_the_target()
+    for raw, _ in _target_votes(tmp_path, 4.0, units, private):
+        # many candidates get no clean vote; every one of them must still carry noise
+        assert np.count_nonzero(raw == 0.0) == 0
+        assert np.unique(raw).size == raw.size

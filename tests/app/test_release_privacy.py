@@ -83,3 +83,66 @@ def test_neighbouring_folders_release_nothing_that_depends_on_the_exact_count(tm
         masked = masked.replace(f"{b['unit_count']['value']:.6g}", "X").replace(f"{a['unit_count']['value']:.6g}", "X")
         numbers = re.findall(r"\d+(?:\.\d+)?", masked)
         assert str(n) not in numbers and str(n - 1) not in numbers
+
+
+# --------------------------------------------------------------------------------------------
+# A finished run whose state was damaged: refused, never redrawn into the same release/
+# --------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("finished")
+    folder = write_example_folder(root / "faces", num_people=3, images_per_person=3, size=32)
+    out = root / "run"
+    result = runner.invoke(app, ["synthesize", str(folder), "--output", str(out), "--quiet", "--preset", "smoke"])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _copy_run(run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, symlinks=True)
+    return copy
+
+
+def _release_bytes(run: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run)): p.read_bytes() for p in sorted((run / "release").rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("state/pe/round_001/histogram.npz", "never drawn again"),
+        ("state/pe/config.json", "must not be started"),
+        ("state/pe", "ledger"),
+        ("state/pe/ledger.json", "ledger"),
+    ],
+)
+def test_damaged_state_is_refused_and_the_ledger_kept(
+    finished_run: Path, tmp_path: Path, damage: str, message: str
+) -> None:
+    run = _copy_run(finished_run, tmp_path)
+    ledger = run / "state" / "pe" / "ledger.json"
+    ledger_before = ledger.read_bytes()
+    release_before = _release_bytes(run)
+    target = run / damage
+    shutil.rmtree(target) if target.is_dir() else target.unlink()
+    result = runner.invoke(app, ["evolve", str(run), "--resume", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert message in result.output.replace("\n", " ")
+    assert "Traceback" not in result.output
+    if damage != "state/pe/ledger.json" and damage != "state/pe":
+        assert ledger.read_bytes() == ledger_before  # nothing charged, nothing drawn
+    # and the whole pipeline never redraws into the existing release either
+    folder = finished_run.parent / "faces"
+    again = runner.invoke(app, ["synthesize", str(folder), "--output", str(run), "--resume", "--quiet"])
+    assert _release_bytes(run) == release_before
+    if damage in ("state/pe", "state/pe/ledger.json"):
+        assert again.exit_code == 2 and "ledger" in again.output
+
+
+def test_release_that_no_longer_matches_its_ledger_is_refused(finished_run: Path, tmp_path: Path) -> None:
+    run = _copy_run(finished_run, tmp_path)
+    captions = run / "release" / "captions.jsonl"
+    captions.write_text(captions.read_text().replace('"text": "', '"text": "edited ', 1))
+    result = runner.invoke(app, ["render", str(run), "--quiet"])
+    assert result.exit_code == 2 and "does not match" in result.output

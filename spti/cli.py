@@ -76,9 +76,16 @@ def budget(
     population: Annotated[
         int | None, typer.Option("--population", "-M", help="Candidates voted on per round.", min=1)
     ] = None,
+    count_share: Annotated[
+        float,
+        typer.Option(help="Share of the budget (of μ²) for the run's DP count of units; 0 for none.", min=0.0),
+    ] = 0.02,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
-    """Noise per round for a privacy budget, and whether the votes will rise above it."""
+    """Noise per round for a privacy budget, and whether the votes will rise above it.
+
+    N here is a number you give (public); a run never uses its exact N: it releases a DP count.
+    """
     from private_evolution import accounting
 
     eps = _parse_epsilon(epsilon)
@@ -89,16 +96,18 @@ def budget(
             delta = accounting.default_delta(num_private)
         if num_private is not None:
             accounting.check_delta_for_units(delta, num_private)
-        sigma = accounting.noise_multiplier(epsilon=eps, delta=delta, rounds=iterations)
-        achieved = accounting.epsilon(noise_multiplier=sigma, delta=delta, rounds=iterations) if sigma > 0 else eps
+        plan = accounting.plan_noise(epsilon=eps, delta=delta, rounds=iterations, count_share=count_share)
     except ValueError as exc:
         raise _fail(str(exc)) from None
-    mu = accounting.gdp_mu(sigma, iterations) if sigma > 0 else math.inf
+    sigma, sigma_count, mu = plan.round_noise_multiplier, plan.count_noise_multiplier, plan.gdp_mu
+    achieved = accounting.epsilon_at(gdp_mu=mu, delta=delta) if sigma > 0 else eps
     report: dict[str, object] = {
         "epsilon": eps if math.isfinite(eps) else "inf",
         "delta": delta,
         "iterations": iterations,
         "noise_multiplier": sigma,
+        "count_noise_multiplier": sigma_count,
+        "count_share": count_share,
         "achieved_epsilon": achieved if math.isfinite(achieved) else "inf",
         "gdp_mu": mu if math.isfinite(mu) else "inf",
     }
@@ -129,8 +138,10 @@ def budget(
     table = Table(title="Privacy budget (Gaussian mechanism, L2 sensitivity 1 per round)", show_header=False)
     table.add_row("target ε, δ", f"{epsilon}, {delta:.3g}")
     table.add_row("iterations T", str(iterations))
-    table.add_row("noise multiplier σ", f"{sigma:.4f}")
-    table.add_row("Gaussian DP μ = √T/σ", f"{mu:.4f}")
+    table.add_row("noise multiplier σ (per round)", f"{sigma:.4f}")
+    if sigma_count is not None:
+        table.add_row(f"DP unit count σ ({count_share:.0%} of μ²)", f"{sigma_count:.4f}")
+    table.add_row("Gaussian DP μ (rounds and count)", f"{mu:.4f}")
     table.add_row("achieved ε", f"{achieved:.6g}")
     if "expected_votes_per_candidate" in report:
         table.add_row("expected votes / candidate (N/M)", f"{report['expected_votes_per_candidate']:.4g}")

@@ -22,12 +22,21 @@ def run_json(*args: str) -> dict:
 
 
 def test_golden_noise_multiplier_json() -> None:
-    out = run_json("--epsilon", "1", "--delta", "1e-5", "--iterations", "10")
+    out = run_json("--epsilon", "1", "--delta", "1e-5", "--iterations", "10", "--count-share", "0")
     assert out["noise_multiplier"] == pytest.approx(11.797, abs=1e-3)
     assert out["epsilon"] == 1.0
     assert out["delta"] == 1e-5
     assert out["iterations"] == 10
     assert out["gdp_mu"] == pytest.approx(math.sqrt(10) / out["noise_multiplier"])
+    assert out["count_noise_multiplier"] is None
+
+
+def test_default_plan_includes_the_dp_unit_count() -> None:
+    out = run_json("--epsilon", "1", "--delta", "1e-5", "--iterations", "10")
+    sigma, sigma_c = out["noise_multiplier"], out["count_noise_multiplier"]
+    assert 11.797 < sigma < 11.797 * 1.011  # 2% of μ² for the count: about 1% more noise per round
+    assert out["gdp_mu"] == pytest.approx(math.sqrt(10 / sigma**2 + 1 / sigma_c**2))
+    assert out["achieved_epsilon"] <= 1.0
 
 
 def test_default_delta_from_num_private_and_signal_warning() -> None:
@@ -61,7 +70,7 @@ def test_bad_input_is_one_clear_error(args: list[str], message: str) -> None:
 
 def test_console_script_human_output() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "spti.cli", "budget", "--epsilon", "1", "--delta", "1e-5"],
+        [sys.executable, "-m", "spti.cli", "budget", "--epsilon", "1", "--delta", "1e-5", "--count-share", "0"],
         capture_output=True,
         text=True,
         check=True,

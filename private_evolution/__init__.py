@@ -34,10 +34,11 @@ from private_evolution.loop import (
     RunStateError,
 )
 from private_evolution.population import Population, select
-from private_evolution.protocols import Embedder, Generator
+from private_evolution.protocols import ConditionalGenerator, Embedder, Generator
 
 __all__ = [
     "BudgetExceededError",
+    "ConditionalGenerator",
     "Embedder",
     "GaussianNoise",
     "Generator",

@@ -204,10 +204,11 @@ def public_delta(*, delta: float | None = None, units_bound: int | None = None) 
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """The noise of a PE run, from public inputs only: T rounds at σ and (optionally) one DP count.
+    """The noise of a PE run, from public inputs only: T rounds at σ, and optionally one DP count
+    of units and one seeding release (a DP histogram over public keys before round 0).
 
-    Together they are μ-GDP with ``gdp_mu`` = sqrt(T/σ² + 1/σ_count²), which is (ε, δ)-DP at the
-    plan's δ and, like every μ-GDP mechanism, at every other point of the same curve.
+    Together they are μ-GDP with ``gdp_mu`` = sqrt(T/σ² + 1/σ_count² + 1/σ_seeding²), which is
+    (ε, δ)-DP at the plan's δ and, like every μ-GDP mechanism, at every other point of its curve.
     """
 
     epsilon: float
@@ -216,29 +217,50 @@ class NoisePlan:
     round_noise_multiplier: float
     count_noise_multiplier: float | None
     gdp_mu: float
+    seeding_noise_multiplier: float | None = None
 
 
-def plan_noise(*, epsilon: float, delta: float, rounds: int, count_share: float = DEFAULT_COUNT_SHARE) -> NoisePlan:
-    """σ of the rounds and of the DP unit count so that together they spend exactly ε at δ.
-
-    ``count_share`` is the count's share of μ² (0: no count). ε = ∞ gives σ = 0 everywhere.
+def plan_noise(
+    *,
+    epsilon: float,
+    delta: float,
+    rounds: int,
+    count_share: float = DEFAULT_COUNT_SHARE,
+    seeding_share: float = 0.0,
+) -> NoisePlan:
+    """σ of the rounds, the DP unit count and the seeding release so that together they spend
+    exactly ε at δ. ``count_share`` and ``seeding_share`` are shares of μ² (0: no such release).
+    ε = ∞ gives σ = 0 everywhere.
     """
     _check_epsilon(epsilon)
     _check_delta(delta)
     _check_rounds(rounds)
-    if not (isinstance(count_share, int | float) and 0.0 <= count_share < 1.0):
-        raise ValueError(f"count_share must be in [0, 1), got {count_share!r}")
+    for name, share in (("count_share", count_share), ("seeding_share", seeding_share)):
+        if not (isinstance(share, int | float) and 0.0 <= share < 1.0):
+            raise ValueError(f"{name} must be in [0, 1), got {share!r}")
+    if count_share + seeding_share >= 1.0:
+        raise ValueError("count_share + seeding_share must leave a share of the budget for the rounds")
     if math.isinf(epsilon):
-        return NoisePlan(epsilon, delta, rounds, 0.0, 0.0 if count_share > 0 else None, math.inf)
+        return NoisePlan(
+            epsilon,
+            delta,
+            rounds,
+            0.0,
+            0.0 if count_share > 0 else None,
+            math.inf,
+            0.0 if seeding_share > 0 else None,
+        )
     mu = 1.0 / float(dp_accounting.get_sigma_gaussian(epsilon, delta))
-    sigma_rounds = math.sqrt(rounds) / (mu * math.sqrt(1.0 - count_share))
+    round_share = 1.0 - count_share - seeding_share
+    sigma_rounds = math.sqrt(rounds) / (mu * math.sqrt(round_share))
     sigma_count = 1.0 / (mu * math.sqrt(count_share)) if count_share > 0 else None
+    sigma_seeding = 1.0 / (mu * math.sqrt(seeding_share)) if seeding_share > 0 else None
 
     def total_mu(scale: float) -> float:
-        sigmas = [sigma_rounds * scale] * rounds + ([sigma_count * scale] if sigma_count else [])
-        return gdp_mu(sigmas)
+        extra = [s * scale for s in (sigma_count, sigma_seeding) if s]
+        return gdp_mu([sigma_rounds * scale] * rounds + extra)
 
-    # brentq's σ may sit on either side of the root: scale both up until ε(plan) ≤ target.
+    # brentq's σ may sit on either side of the root: scale all up until ε(plan) ≤ target.
     scale = 1.0
     while _epsilon_from_mu(total_mu(scale), delta) > epsilon:
         scale = math.nextafter(scale, math.inf) * (1 + 1e-12)
@@ -249,6 +271,7 @@ def plan_noise(*, epsilon: float, delta: float, rounds: int, count_share: float 
         round_noise_multiplier=sigma_rounds * scale,
         count_noise_multiplier=sigma_count * scale if sigma_count else None,
         gdp_mu=total_mu(scale),
+        seeding_noise_multiplier=sigma_seeding * scale if sigma_seeding else None,
     )
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "merge_identical",
     "nearest_neighbors",
     "privatize",
+    "weight_histogram",
 ]
 
 Metric = Literal["l2", "cosine"]
@@ -353,6 +354,32 @@ def histogram_from_neighbors(indices: np.ndarray, num_candidates: int, units: np
     unit_norm = np.sqrt(np.bincount(pair_unit, weights=pair_weight**2))
     scale = 1.0 / np.maximum(unit_norm, 1.0)
     return np.bincount(pair_cand, weights=pair_weight * scale[pair_unit], minlength=num_candidates)
+
+
+def weight_histogram(weights: np.ndarray, units: np.ndarray | None = None) -> np.ndarray:
+    """The clean histogram of free-form votes over K public keys. **Not private.**
+
+    ``weights`` is (N, K), non-negative: row i's affinity to each key (e.g. which public attribute
+    values its caption mentions). Each row's vector is scaled to L2 norm ≤ 1; with units, a unit's
+    rows are summed and the sum is scaled to norm ≤ 1 — so, as for nearest-neighbour votes, adding
+    or removing one unit moves the histogram by at most 1 in L2.
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be (rows, keys), got shape {w.shape}")
+    if not np.isfinite(w).all() or (w < 0).any():
+        raise ValueError("weights must be finite and non-negative")
+    rows = w / np.maximum(np.sqrt(np.add.reduce(w * w, axis=1)), 1.0)[:, None]
+    if units is None:
+        return rows.sum(axis=0)
+    units = np.asarray(units)
+    if units.shape != (w.shape[0],):
+        raise ValueError(f"units must give one id per row: expected shape ({w.shape[0]},), got {units.shape}")
+    _, code = np.unique(units, return_inverse=True)
+    per_unit = np.zeros((int(code.max()) + 1 if code.size else 0, w.shape[1]))
+    np.add.at(per_unit, code.reshape(-1), rows)
+    per_unit /= np.maximum(np.sqrt(np.add.reduce(per_unit * per_unit, axis=1)), 1.0)[:, None]
+    return per_unit.sum(axis=0)
 
 
 def clean_vote_histogram(

@@ -42,7 +42,15 @@ from private_evolution.files import (
     load_npz,
     read_jsonl,
 )
-from private_evolution.histogram import Backend, Metric, NoiseSource, NoisyHistogram, dp_histogram
+from private_evolution.histogram import (
+    Backend,
+    Metric,
+    NoiseSource,
+    NoisyHistogram,
+    dp_histogram,
+    privatize,
+    weight_histogram,
+)
 from private_evolution.population import Population, Selection, derive_seed, next_generation, select
 from private_evolution.protocols import Embedder, Generator
 
@@ -71,7 +79,12 @@ class PEConfig:
 
     Privacy: ``delta`` is public — the user's, else 1/(B·ln B) for a public upper bound
     ``units_bound`` on the number of units, else :data:`~private_evolution.accounting.DEFAULT_DELTA`.
-    ``count_share`` is the share of μ² spent on the DP count of units (0: no count).
+    ``count_share`` is the share of μ² spent on the DP count of units (0: no count);
+    ``seeding_share`` the share of one DP histogram over public keys before round 0 (0: none).
+
+    ``population_size="auto"`` sizes the population from the DP count: the number kept per round
+    is chosen so that a candidate expects about ``target_signal`` · σ votes a round (N̂ / M = S·σ),
+    within ``auto_population_bounds`` (and never below what ``num_samples`` needs).
     """
 
     iterations: int
@@ -92,8 +105,13 @@ class PEConfig:
     noise_multiplier: float | None = None
     units_bound: int | None = None
     count_share: float = accounting.DEFAULT_COUNT_SHARE
+    target_signal: float = 2.0
+    auto_population_bounds: tuple[int, int] = (8, 2000)
+    seeding_share: float = 0.0
 
     def __post_init__(self) -> None:
+        if isinstance(self.auto_population_bounds, list):
+            object.__setattr__(self, "auto_population_bounds", tuple(self.auto_population_bounds))
         for name in ("population_size", "strength"):
             value = getattr(self, name)
             if isinstance(value, list):
@@ -101,10 +119,16 @@ class PEConfig:
         self.validate()
 
     # -- schedules -------------------------------------------------------------------------
+    @property
+    def auto_population(self) -> bool:
+        return self.population_size == "auto"
+
     def kept(self, round_index: int) -> int:
         """Samples selected after ``round_index`` (``num_samples`` after the last round)."""
         if round_index == self.iterations - 1:
             return self.num_samples
+        if self.auto_population:
+            raise ValueError("population_size='auto' is sized from the DP count: call sized_for(count) first")
         ps = self.population_size if self.population_size is not None else self.num_samples
         return int(ps[round_index]) if isinstance(ps, tuple) else int(ps)
 
@@ -130,6 +154,21 @@ class PEConfig:
             raise bad(f"num_samples must be >= 1, got {self.num_samples}")
         if self.variation_folds < 0 or (self.iterations > 1 and self.variation_folds + self.keep_selected < 1):
             raise bad("variation_folds must be >= 1 when keep_selected is off")
+        if self.auto_population:
+            lo, hi = self.auto_population_bounds
+            if not (1 <= lo <= hi):
+                raise bad(f"auto_population_bounds must be 1 <= low <= high, got {self.auto_population_bounds}")
+            if not self.target_signal > 0:
+                raise bad(f"target_signal must be > 0, got {self.target_signal}")
+            if self.count_share <= 0:
+                raise bad("population_size='auto' needs the DP count of units: count_share must be > 0")
+        elif self.population_size is not None and isinstance(self.population_size, str):
+            raise bad(f"population_size must be an integer, a schedule or 'auto', got {self.population_size!r}")
+        if not 0 <= self.seeding_share < 1 or self.count_share + self.seeding_share >= 1:
+            raise bad("seeding_share must be in [0, 1) and leave budget for the rounds with count_share")
+        if self.auto_population:
+            self._validate_common(bad)
+            return
         for name, n_needed in (("population_size", self.iterations - 1), ("strength", self.iterations - 1)):
             value = getattr(self, name)
             if isinstance(value, tuple) and len(value) < n_needed:
@@ -141,8 +180,6 @@ class PEConfig:
                 raise bad(f"strength must be >= 0 (round {t})")
         if self.initial_population is not None and self.initial_population < 1:
             raise bad("initial_population must be >= 1")
-        if self.selection not in ("rank", "sample"):
-            raise bad(f"selection must be 'rank' or 'sample', got {self.selection!r}")
         if self.selection == "rank":
             for t in range(self.iterations):
                 if self.kept(t) > self.population_at(t):
@@ -152,6 +189,11 @@ class PEConfig:
                     )
         if self.k < 1 or self.k > min(self.population_at(t) for t in range(self.iterations)):
             raise bad(f"k={self.k} must be between 1 and the smallest population")
+        self._validate_common(bad)
+
+    def _validate_common(self, bad: Callable[[str], ValueError]) -> None:
+        if self.selection not in ("rank", "sample"):
+            raise bad(f"selection must be 'rank' or 'sample', got {self.selection!r}")
         if self.metric not in ("l2", "cosine"):
             raise bad(f"metric must be 'l2' or 'cosine', got {self.metric!r}")
         if self.lookahead < 0:
@@ -167,6 +209,21 @@ class PEConfig:
         if not 0 <= self.count_share < 1:
             raise bad(f"count_share must be in [0, 1), got {self.count_share!r}")
 
+    def sized_for(self, count: NoisyCount | None, noise_multiplier: float) -> PEConfig:
+        """This config with an ``"auto"`` population replaced by the size the DP count calls for."""
+        if not self.auto_population:
+            return self
+        if count is None:
+            raise ValueError("population_size='auto' needs the DP count of units")
+        per_round = self.variation_folds + int(self.keep_selected)
+        lo, hi = self.auto_population_bounds
+        lo = max(lo, -(-self.num_samples // per_round))
+        if noise_multiplier == 0:
+            kept = hi
+        else:
+            kept = math.floor(max(count.value, 0.0) / (self.target_signal * noise_multiplier * per_round))
+        return dataclasses.replace(self, population_size=int(min(max(kept, lo), max(lo, hi))))
+
     def resolve_delta(self) -> float:
         """δ from public inputs only (never from the number of private units)."""
         return accounting.public_delta(delta=self.delta, units_bound=self.units_bound)
@@ -174,13 +231,17 @@ class PEConfig:
     def noise_plan(self) -> NoisePlan:
         """σ of the rounds and of the DP count, from public inputs only."""
         plan = accounting.plan_noise(
-            epsilon=self.epsilon, delta=self.resolve_delta(), rounds=self.iterations, count_share=self.count_share
+            epsilon=self.epsilon,
+            delta=self.resolve_delta(),
+            rounds=self.iterations,
+            count_share=self.count_share,
+            seeding_share=self.seeding_share,
         )
         if self.noise_multiplier is None:
             return plan
-        sigmas = [float(self.noise_multiplier)] * self.iterations + (
-            [plan.count_noise_multiplier] if plan.count_noise_multiplier else []
-        )
+        sigmas = [float(self.noise_multiplier)] * self.iterations + [
+            s for s in (plan.count_noise_multiplier, plan.seeding_noise_multiplier) if s
+        ]
         return dataclasses.replace(
             plan, round_noise_multiplier=float(self.noise_multiplier), gdp_mu=accounting.gdp_mu(sigmas)
         )
@@ -188,7 +249,7 @@ class PEConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["epsilon"] = "inf" if math.isinf(self.epsilon) else self.epsilon
-        for key in ("population_size", "strength"):
+        for key in ("population_size", "strength", "auto_population_bounds"):
             if isinstance(d[key], tuple):
                 d[key] = list(d[key])
         return d
@@ -226,19 +287,24 @@ class PEResult(Generic[S]):
     unit_count: NoisyCount | None = None
     rounds_resumed: list[int] = field(default_factory=list)
     redrawn: list[str] = field(default_factory=list)
+    config: PEConfig | None = None  # as run (an "auto" population sized from the DP count)
+    seeding: NoisyHistogram | None = None
 
     @property
     def epsilon(self) -> float:
         return self.ledger.spent_epsilon()
 
 
-def _fingerprint(private: np.ndarray, units: np.ndarray | None) -> str:
+def _fingerprint(private: np.ndarray, units: np.ndarray | None, seeding: np.ndarray | None = None) -> str:
     h = hashlib.sha256()
     arr = np.ascontiguousarray(private)
     h.update(str((arr.shape, arr.dtype.str)).encode())
     h.update(arr.tobytes())
     if units is not None:
         h.update(np.ascontiguousarray(np.asarray(units).astype(str)).tobytes())
+    if seeding is not None:
+        h.update(b"seeding")
+        h.update(np.ascontiguousarray(seeding, dtype=np.float64).tobytes())
     return h.hexdigest()
 
 
@@ -269,7 +335,8 @@ class PrivateEvolution(Generic[S]):
     ) -> None:
         self.generator = generator
         self.embedder = embedder
-        self.config = config
+        self.requested_config = config  # as given (population may be "auto"); config.json holds it
+        self.config = config  # as run: sized from the DP count once it is released
         self.state_dir = Path(state_dir)
         self.private_dir = Path(private_dir) if private_dir is not None else self.state_dir / "private"
         self.backend: Backend = backend
@@ -291,12 +358,20 @@ class PrivateEvolution(Generic[S]):
     def count_path(self) -> Path:
         return self.state_dir / "unit_count.json"
 
+    @property
+    def seeding_path(self) -> Path:
+        return self.state_dir / "seeding.npz"
+
     def completed_rounds(self) -> list[int]:
         return [t for t in range(self.config.iterations) if (self.round_dir(t) / "complete.json").exists()]
 
     def _released_state(self) -> list[Path]:
         """Files that exist only once something was released."""
-        found = [p for p in (self.ledger_path, self.count_path, self.state_dir / "result.jsonl") if p.exists()]
+        found = [
+            p
+            for p in (self.ledger_path, self.count_path, self.seeding_path, self.state_dir / "result.jsonl")
+            if p.exists()
+        ]
         found += sorted(self.state_dir.glob("round_*/histogram.npz"))
         found += sorted(self.state_dir.glob("round_*/selected.json"))
         return found
@@ -323,16 +398,19 @@ class PrivateEvolution(Generic[S]):
         finally:
             os.close(fd)  # closing the descriptor releases the lock
 
-    def _prepare(self, private: np.ndarray, units: np.ndarray | None, resume: bool) -> tuple[PrivacyLedger, NoisePlan]:
-        cfg = self.config
+    def _prepare(
+        self, private: np.ndarray, units: np.ndarray | None, seeding: np.ndarray | None, resume: bool
+    ) -> tuple[PrivacyLedger, NoisePlan]:
+        cfg = self.requested_config
         plan = cfg.noise_plan()
         meta = {
             "config": cfg.to_dict(),
             "delta": plan.delta,
             "noise_multiplier": plan.round_noise_multiplier,
             "count_noise_multiplier": plan.count_noise_multiplier,
+            "seeding_noise_multiplier": plan.seeding_noise_multiplier,
         }
-        fingerprint = {"private_fingerprint": _fingerprint(private, units)}
+        fingerprint = {"private_fingerprint": _fingerprint(private, units, seeding)}
         config_path = self.state_dir / "config.json"
         fingerprint_path = self.private_dir / "fingerprint.json"
         if config_path.exists():
@@ -357,6 +435,10 @@ class PrivateEvolution(Generic[S]):
             ledger = PrivacyLedger.load(self.ledger_path)
             for t in range(cfg.iterations):
                 self._refuse_lost_release(t)
+            if plan.count_noise_multiplier is not None:
+                self._refuse_lost_count()
+            if plan.seeding_noise_multiplier is not None:
+                self._refuse_lost_seeding()
         else:
             released = self._released_state()
             if released:
@@ -377,6 +459,8 @@ class PrivateEvolution(Generic[S]):
         )
         if plan.count_noise_multiplier is not None and not self.count_path.exists():
             todo.append(plan.count_noise_multiplier)
+        if plan.seeding_noise_multiplier is not None and not self.seeding_path.exists():
+            todo.append(plan.seeding_noise_multiplier)
         ledger.check_plan(todo)
         return ledger, plan
 
@@ -391,6 +475,22 @@ class PrivateEvolution(Generic[S]):
         ledger.charge(name, noise_multiplier=noise_multiplier, meta=meta)
         return name
 
+    def _refuse_lost_count(self) -> None:
+        if not self.count_path.exists() and (
+            self.seeding_path.exists() or any(self.state_dir.glob("round_*/histogram.npz"))
+        ):
+            raise RunStateError(
+                f"{self.count_path} is missing but releases after it were derived from it; "
+                "it cannot be drawn again: restore it or use a new directory"
+            )
+
+    def _refuse_lost_seeding(self) -> None:
+        if not self.seeding_path.exists() and (self.round_dir(0) / "population.jsonl").exists():
+            raise RunStateError(
+                f"{self.seeding_path} is missing but the first population was drawn from it; "
+                "it cannot be drawn again: restore it or use a new directory"
+            )
+
     def _release_count(self, ledger: PrivacyLedger, plan: NoisePlan, num_units: int) -> NoisyCount | None:
         """The DP count of units: re-read if released, else charged, drawn and written first."""
         if plan.count_noise_multiplier is None:
@@ -402,17 +502,33 @@ class PrivateEvolution(Generic[S]):
                     f"{self.count_path} names no release of {self.ledger_path}; the state is inconsistent"
                 )
             return NoisyCount.from_dict(data)
-        if any(self.state_dir.glob("round_*/histogram.npz")):
-            raise RunStateError(
-                f"{self.count_path} is missing but rounds were released after it and derived from it; "
-                "it cannot be drawn again: restore it or use a new directory"
-            )
+        self._refuse_lost_count()
         name = self._charge_draw(
             ledger, "unit_count", noise_multiplier=plan.count_noise_multiplier, meta={"kind": "unit_count"}
         )
         count = dp_count(num_units, noise_multiplier=plan.count_noise_multiplier, _noise=self._noise)
         atomic_write_json(self.count_path, count.to_dict() | {"release": name})
         return count
+
+    def _release_seeding(
+        self, ledger: PrivacyLedger, plan: NoisePlan, weights: np.ndarray | None, units: np.ndarray | None
+    ) -> NoisyHistogram | None:
+        """The seeding release: a DP histogram of the private rows' affinities to public keys."""
+        sigma = plan.seeding_noise_multiplier
+        if sigma is None:
+            return None
+        if self.seeding_path.exists():
+            arrays = load_npz(self.seeding_path)
+            if str(arrays.get("release")) not in ledger:
+                raise RunStateError(f"{self.seeding_path} names no release of {self.ledger_path}")
+            return NoisyHistogram.from_arrays(arrays)
+        self._refuse_lost_seeding()
+        if weights is None:
+            raise ValueError("seeding_share > 0 needs seeding_weights: one row of key affinities per private row")
+        name = self._charge_draw(ledger, "seeding", noise_multiplier=sigma, meta={"kind": "seeding"})
+        noisy = privatize(weight_histogram(weights, units), noise_multiplier=sigma, _noise=self._noise)
+        atomic_save_npz(self.seeding_path, noisy.as_arrays() | {"release": np.array(name)})
+        return noisy
 
     # -- the loop --------------------------------------------------------------------------
     def run(
@@ -422,10 +538,15 @@ class PrivateEvolution(Generic[S]):
         units: np.ndarray | Sequence[Any] | None = None,
         callbacks: Sequence[Callable[[RoundResult[S]], None]] = (),
         resume: bool = False,
+        seeding_weights: np.ndarray | None = None,
+        on_start: Callable[[PEConfig, NoisyCount | None], None] | None = None,
     ) -> PEResult[S]:
         """Run (or with ``resume=True`` continue) PE against the private embeddings.
 
         ``units`` gives a privacy-unit id per private row for unit-level DP (default: one row, one unit).
+        ``seeding_weights`` (rows × keys, with ``seeding_share > 0``): each private row's affinity to
+        public keys; their DP histogram is passed to ``generator.condition`` before the first
+        population is drawn. ``on_start(config, count)`` is called once the DP count has sized the run.
         """
         private = private_embeddings
         units_arr = None if units is None else np.asarray(units)
@@ -433,18 +554,22 @@ class PrivateEvolution(Generic[S]):
             raise ValueError(f"units must have one id per private row ({private.shape[0]}), got {units_arr.shape}")
         if private.shape[0] == 0:
             raise ValueError("there is no private data to vote with")
+        weights = None if seeding_weights is None else np.asarray(seeding_weights, dtype=np.float64)
+        if weights is not None and weights.shape[0] != private.shape[0]:
+            raise ValueError(f"seeding_weights must have one row per private row ({private.shape[0]})")
         with self._exclusive():
-            return self._run_locked(private, units_arr, callbacks, resume)
+            return self._run_locked(private, units_arr, weights, callbacks, resume, on_start)
 
     def _run_locked(
         self,
         private: np.ndarray,
         units_arr: np.ndarray | None,
+        weights: np.ndarray | None,
         callbacks: Sequence[Callable[[RoundResult[S]], None]],
         resume: bool,
+        on_start: Callable[[PEConfig, NoisyCount | None], None] | None,
     ) -> PEResult[S]:
-        cfg = self.config
-        ledger, plan = self._prepare(private, units_arr, resume)
+        ledger, plan = self._prepare(private, units_arr, weights, resume)
         num_units = int(private.shape[0]) if units_arr is None else len(np.unique(units_arr))
         count = self._release_count(ledger, plan, num_units)
         if count is not None:
@@ -453,6 +578,13 @@ class PrivateEvolution(Generic[S]):
             except ValueError as exc:
                 raise PrivacyPlanError(str(exc)) from None
         sigma = plan.round_noise_multiplier
+        self.config = cfg = self.requested_config.sized_for(count, sigma)
+        if on_start is not None:
+            on_start(cfg, count)
+        seeding = self._release_seeding(ledger, plan, weights, units_arr)
+        condition = getattr(self.generator, "condition", None)
+        if seeding is not None and callable(condition):
+            condition(seeding.values)
         resumed: list[int] = []
 
         population = self._initial_population()
@@ -512,6 +644,8 @@ class PrivateEvolution(Generic[S]):
             unit_count=count,
             rounds_resumed=resumed,
             redrawn=list(self._redrawn),
+            config=cfg,
+            seeding=seeding,
         )
 
     def _initial_population(self) -> Population[S]:

@@ -37,3 +37,14 @@ class Generator(Protocol[S]):
     def vary(self, samples: Sequence[S], strength: float, *, seed: int | None = None) -> list[S]:
         """One variation of each sample (the variation API); larger ``strength`` moves further."""
         ...
+
+
+@runtime_checkable
+class ConditionalGenerator(Protocol):
+    """A generator whose random API can take a DP prior over public keys (seeding).
+
+    ``condition`` receives the noisy (thresholded) histogram of the seeding release, one value per
+    public key, before the first population is drawn. It is post-processing of a DP release.
+    """
+
+    def condition(self, histogram: np.ndarray) -> None: ...

@@ -73,6 +73,23 @@ def _fit(image: Image, width: int, height: int) -> Image:
     return image
 
 
+def pipeline_native_size(pipe: Any, fallback: int = 512) -> int:
+    """``default_sample_size × vae_scale_factor`` (what diffusers uses when no height is given).
+
+    SD 1.x/2.x pipelines have no ``default_sample_size``: their denoiser's ``config.sample_size`` is it.
+    """
+    sample = getattr(pipe, "default_sample_size", None)
+    if not sample:
+        denoiser = getattr(pipe, "unet", None) or getattr(pipe, "transformer", None)
+        sample = getattr(getattr(denoiser, "config", None), "sample_size", None)
+    if isinstance(sample, list | tuple):
+        sample = sample[0]
+    scale = getattr(pipe, "vae_scale_factor", None) or 8
+    if not sample:
+        return fallback
+    return int(sample) * int(scale)
+
+
 def _generators(seeds: Sequence[int]) -> list[torch.Generator]:
     """One CPU generator per image: its noise depends on its own seed only, on every device."""
     import torch
@@ -168,6 +185,15 @@ class DiffusersImageGenerator:
         default_steps, default_guidance = family_defaults(self.model, type(pipe).__name__)
         self.steps = steps if steps is not None else default_steps
         self.guidance = guidance if guidance is not None else default_guidance
+
+    @property
+    def native_size(self) -> int:
+        """The side the pipeline draws at when given no size: its denoiser's sample size × the VAE's scale.
+
+        SDXL-Turbo and SD-Turbo: 512; SDXL-base: 1024; the tiny test pipeline: 32. This is the size the
+        SPTI authors render vote candidates at (they call the pipeline without a size).
+        """
+        return pipeline_native_size(self.pipe)
 
     @property
     def img2img(self) -> Any:

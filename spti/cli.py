@@ -162,6 +162,17 @@ ResumeOpt = Annotated[bool, Opt("--resume", help="Continue an interrupted run in
 EpsOpt = Annotated[str | None, Opt("--epsilon", "-e", help="Privacy budget ε ('inf' for no privacy).")]
 DeltaOpt = Annotated[str | None, Opt("--delta", help="δ, or 'auto' for 1/(N·ln N).")]
 QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress bars.")]
+ReleaseRenderOpt = Annotated[
+    str | None,
+    Opt(help="Image voting: voted (release the render the private images voted for) | rerender (draw again)."),
+]
+ReleaseModelOpt = Annotated[
+    str | None, Opt(help="Model of the released images, e.g. SDXL-base while SDXL-Turbo votes (default: the same).")
+]
+ReleaseStepsOpt = Annotated[int | None, Opt(help="Denoising steps of the release model.", min=1)]
+ReleaseGuidanceOpt = Annotated[float | None, Opt(help="Guidance scale of the release model.")]
+# settings `spti render` may change besides RunDirectory.RENDER_CHANGES: they only decide the release's pixels
+RELEASE_CHANGES = frozenset({"release_render", "release_model", "release_steps", "release_guidance"})
 
 
 def _user_errors(fn):  # type: ignore[no-untyped-def]
@@ -270,7 +281,20 @@ def synthesize(
     privacy_unit: Annotated[str | None, Opt(help="image | folder (one sub-folder = one person).")] = None,
     population_size: Annotated[int | None, Opt(help="Descriptions kept per round.", min=1)] = None,
     variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
-    render_size: Annotated[int | None, Opt(help="Render resolution before upscaling.", min=8)] = None,
+    render_size: Annotated[
+        int | None, Opt("--render-size", "--release-size", help="Side of released images before upscaling.", min=8)
+    ] = None,
+    voting_size: Annotated[int | None, Opt(help="Image voting: input side of the feature extractor.", min=8)] = None,
+    vote_render_size: Annotated[
+        str | None, Opt(help="Image voting: side candidates are drawn at; native (the generator's own) or pixels.")
+    ] = None,
+    vote_seeds: Annotated[
+        int | None, Opt(help="Image voting: renders per candidate (feature = their mean).", min=1)
+    ] = None,
+    release_render: ReleaseRenderOpt = None,
+    release_model: ReleaseModelOpt = None,
+    release_steps: ReleaseStepsOpt = None,
+    release_guidance: ReleaseGuidanceOpt = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps.")] = None,
     batch_size: Annotated[int | None, Opt(help="Batch size of local models.", min=1)] = None,
     concurrency: Annotated[int | None, Opt(help="Hosted API requests in flight.", min=1)] = None,
@@ -305,6 +329,13 @@ def synthesize(
         population_size=population_size,
         variation_folds=variation_folds,
         render_size=render_size,
+        voting_size=voting_size,
+        vote_render_size=vote_render_size,
+        vote_seeds=vote_seeds,
+        release_render=release_render,
+        release_model=release_model,
+        release_steps=release_steps,
+        release_guidance=release_guidance,
         device=device,
         batch_size=batch_size,
         concurrency=concurrency,
@@ -467,7 +498,11 @@ def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
 def render(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with released descriptions.")],
     image_model: Annotated[str | None, Opt()] = None,
-    render_size: Annotated[int | None, Opt(min=8)] = None,
+    render_size: Annotated[int | None, Opt("--render-size", "--release-size", min=8)] = None,
+    release_render: ReleaseRenderOpt = None,
+    release_model: ReleaseModelOpt = None,
+    release_steps: ReleaseStepsOpt = None,
+    release_guidance: ReleaseGuidanceOpt = None,
     upscaler: Annotated[str | None, Opt(help="none | lanczos | realesrgan | sd-x4.")] = None,
     upscale: Annotated[int | None, Opt()] = None,
     upscaler_model: Annotated[str | None, Opt()] = None,
@@ -483,13 +518,17 @@ def render(
     post = _overrides(
         image_model=image_model,
         render_size=render_size,
+        release_render=release_render,
+        release_model=release_model,
+        release_steps=release_steps,
+        release_guidance=release_guidance,
         upscaler=upscaler,
         upscale=upscale,
         upscaler_model=upscaler_model,
         device=device,
         batch_size=batch_size,
     )
-    with _existing_run_config(run_dir, post, RunDirectory.RENDER_CHANGES) as (run, cfg):
+    with _existing_run_config(run_dir, post, RunDirectory.RENDER_CHANGES | RELEASE_CHANGES) as (run, cfg):
         models = Models(cfg, run)
         try:
             paths = render_stage(cfg, run, models, Reporter(quiet=quiet))

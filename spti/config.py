@@ -62,10 +62,16 @@ class RunConfig:
     image_model: str = "stabilityai/sd-turbo"
     image_embedder: str = "wavelet"
     # rendering
-    render_size: int = 512
-    voting_size: int = 256
-    steps: int | None = None
+    render_size: int = 512  # side of a released image before upscaling (flag also --release-size)
+    voting_size: int = 256  # input side of the image feature extractor: vote renders and private images
+    vote_render_size: int | str = "native"  # side vote candidates are drawn at; native: the generator's own
+    vote_seeds: int = 1  # renders per candidate (image voting); its feature is their mean
+    steps: int | None = None  # denoising steps of the vote generator (None: its family default)
     guidance: float | None = None
+    release_render: str = "voted"  # image voting: release the vote render itself, or "rerender"
+    release_model: str | None = None  # generator of the released images (None: image_model)
+    release_steps: int | None = None  # None: steps (same model) or the release model's default
+    release_guidance: float | None = None
     upscaler: str = "lanczos"
     upscale: int = 4
     upscaler_model: str | None = None
@@ -111,6 +117,7 @@ class RunConfig:
             "selection": ("rank", "sample"),
             "provider": ("local", "openai"),
             "upscaler": ("none", "lanczos", "realesrgan", "sd-x4"),
+            "release_render": ("voted", "rerender"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -126,6 +133,7 @@ class RunConfig:
             "concurrency",
             "caption_max_tokens",
             "min_words",
+            "vote_seeds",
         )
         for name in positive:
             if getattr(self, name) < 1:
@@ -138,6 +146,16 @@ class RunConfig:
             raise bad(f"word-count-std must be >= 0, got {self.word_count_std}")
         if not 0 <= self.rephrase_fraction <= 1:
             raise bad(f"rephrase-fraction must be in [0, 1], got {self.rephrase_fraction}")
+        if isinstance(self.vote_render_size, str) and self.vote_render_size.isdigit():
+            self.vote_render_size = int(self.vote_render_size)
+        if self.vote_render_size != "native" and not (
+            isinstance(self.vote_render_size, int) and self.vote_render_size >= 8
+        ):
+            raise bad(f"vote-render-size {self.vote_render_size!r}: use native or a side of at least 8 pixels")
+        if self.release_steps is not None and self.release_steps < 1:
+            raise bad(f"release-steps must be >= 1, got {self.release_steps}")
+        if self.release_model == "":
+            self.release_model = None
         if self.upscale not in (1, 2, 4):
             raise bad(f"upscale {self.upscale}: use 1, 2 or 4")
         if not self.strength or any(not 0 < s <= 1 for s in self.strength):
@@ -152,6 +170,43 @@ class RunConfig:
                 "upscaler realesrgan needs --upscaler-model PATH to RealESRGAN_x4plus weights (.pth or .safetensors)"
             )
         return self
+
+    # -- the two image generators ----------------------------------------------------------
+    @property
+    def release_model_name(self) -> str:
+        """The model that draws released images: ``release_model``, else the vote generator."""
+        return self.release_model or self.image_model
+
+    @property
+    def separate_release_model(self) -> bool:
+        """Whether released images come from another model than the vote renders."""
+        return self.release_model_name != self.image_model
+
+    @property
+    def release_steps_used(self) -> int | None:
+        """Steps of a re-rendered release: ``release_steps``, else the vote steps (same model) or the
+        release model's own default (``None``; a Turbo model's 4 steps would spoil SDXL-base)."""
+        if self.release_steps is not None:
+            return self.release_steps
+        return None if self.separate_release_model else self.steps
+
+    @property
+    def release_guidance_used(self) -> float | None:
+        if self.release_guidance is not None:
+            return self.release_guidance
+        return None if self.separate_release_model else self.guidance
+
+    def keeps_vote_renders(self) -> bool:
+        """Whether the evolve stage keeps each candidate's render to release it: image voting, release
+        ``voted``, the same generator and settings for both, one render per round (no lookahead)."""
+        return (
+            self.voting == "image"
+            and self.release_render == "voted"
+            and not self.separate_release_model
+            and self.release_steps in (None, self.steps)
+            and self.release_guidance in (None, self.guidance)
+            and self.lookahead == 0
+        )
 
 
 def _toml_value(value: Any) -> str:
@@ -205,11 +260,10 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         upscale=4,
     ),
     "paper": dict(
-        num_samples=1000,
-        iterations=10,
-        population_size=2000,
-        variation_folds=6,
-        strength=[0.5],
+        iterations=10,  # running.total_iterations: 10, textpe/configs/ordinary.yaml (DPITI, singleprocess)
+        population_size=2000,  # running.num_samples: 2000, same file
+        variation_folds=6,  # running.next_variation_api_fold: 6, same file
+        strength=[0.5],  # running.blank_probabilities: 0.5, same file
         # the authors' variation: σ_w = 36, at least 25 words, no word cap (DPITI textpe/run_pe_fill_in_the_blanks.py)
         word_count_std=36.0,
         min_words=25,
@@ -218,15 +272,37 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         caption_model="Qwen/Qwen2.5-VL-7B-Instruct",
         llm_model="meta-llama/Meta-Llama-3-8B-Instruct",
         embedding_model="sentence-transformers/sentence-t5-base",
-        image_model="stabilityai/sdxl-turbo",
-        image_embedder="inception",
-        voting="image",
-        render_size=512,
+        # Image voting as the authors run it. Sources: github.com/MarkGodrick/DPITI, branch singleprocess
+        # (their newest code) unless noted; DPSDA = github.com/microsoft/DPSDA, the PE library they call.
+        voting="image",  # run_pe_fill_in_the_blanks.py --voting default "image" (ImageVotingNN)
+        # selection, keep-selected: PEPopulation(keep_selected=True, selection_mode="rank") there
+        selection="rank",
+        k=1,  # ImageVotingNN(num_nearest_neighbors=1) default, textpe/utils/histogram.py
+        threshold=0.0,  # PEPopulation's histogram_threshold left at None: no clipping (DPSDA pe_population.py)
+        lookahead=0,  # running.lookahead_degree: 0, textpe/configs/ordinary.yaml and voting.yaml
+        image_model="stabilityai/sdxl-turbo",  # embedding.huggingface.model, textpe/configs/ordinary.yaml
+        # hfpipe_embedding calls the SDXL pipeline with no size: SDXL-Turbo's own 512², textpe/utils/embedding.py
+        vote_render_size="native",
+        steps=4,  # num_inference_steps=4, textpe/utils/embedding.py (and textpe/config.json on main)
+        guidance=0.0,  # guidance_scale=0.0, same places
+        vote_seeds=1,  # one render per candidate, same place
+        # renders shrunk by PIL bicubic to 256² before Inception (make_resizer(..., output_size=(256, 256)))
+        # and the private side Resize(256)+CenterCrop(256) (textpe/utils/dataset.py, run_pe_image.py on main)
         voting_size=256,
-        steps=4,
-        guidance=0.0,
-        upscaler="lanczos",
-        upscale=4,
+        # clean-fid's InceptionV3W, 2048-d pool features, textpe/utils/embedding.py; needs inception:PATH
+        image_embedder="inception",
+        # The release: their README (main) scores "10,000+ 1024x1024 images generated by
+        # stabilityai/stable-diffusion-xl-base-1.0"; SDXL-base at its native 1024². run_stable_diff.py
+        # hard-codes SDXL-Turbo's 4 steps / guidance 0, which do not suit SDXL-base: its family default here.
+        release_model="stabilityai/stable-diffusion-xl-base-1.0",
+        render_size=1024,
+        release_steps=None,
+        release_guidance=None,
+        # run_stable_diff.py renders every selected text (variation fold -1: population_size of them)
+        num_samples=2000,
+        # no super-resolution step in their code: the released images are SDXL-base's 1024² as drawn
+        upscaler="none",
+        upscale=1,
         batch_size=32,
     ),
     "openai": dict(

@@ -343,13 +343,19 @@ def evolve_stage(
         space = RenderedVoteSpace(
             models.image_generator,
             models.image_embedder,
-            size=cfg.voting_size,
+            size=cfg.vote_render_size,  # "native": the generator's own size, as the SPTI authors render
+            feature_size=cfg.voting_size,  # the extractor's input, as the private images are loaded
             steps=cfg.steps,
             guidance=cfg.guidance,
             seed=cfg.seed,
+            num_seeds=cfg.vote_seeds,
             batch_size=cfg.batch_size,
             cache=FeatureCache(run.state / "vote_features.sqlite"),
-            tag=f"{cfg.image_model}|{cfg.image_embedder}",
+            model=cfg.image_model,
+            tag=cfg.image_embedder,
+            # the renders the private images vote for, kept so that the render stage releases them
+            render_dir=run.state / VOTE_RENDERS if cfg.keeps_vote_renders() else None,
+            fallback_size=cfg.render_size,
         )
     reporter.info(
         f"evolve: {cfg.iterations} rounds, σ={plan.round_noise_multiplier:.4g} per round at δ={plan.delta:.3g}, "
@@ -390,8 +396,74 @@ def evolve_stage(
 # --------------------------------------------------------------------------------------------
 # Stage 3: render (post-processing)
 # --------------------------------------------------------------------------------------------
+# Where the evolve stage keeps each candidate's vote render (``state/vote_renders/<key>.png``, public).
+VOTE_RENDERS = "vote_renders"
+
+
+@dataclass
+class _ReleasePlan:
+    """How the render stage draws each released description: its vote render, or a new render."""
+
+    mode: str  # "voted" | "rerender"
+    reason: str
+    spec: Any = None  # the VoteRenderSpec of the kept vote renders (voted)
+
+    def settings(self, cfg: RunConfig, upscaling: bool) -> dict[str, Any]:
+        """What decides the released pixels (recorded in state/render.json)."""
+        drawn: dict[str, Any] = (
+            {"mode": "voted", **self.spec.to_dict()}
+            if self.mode == "voted"
+            else {
+                "mode": "rerender",
+                "model": cfg.release_model_name,
+                "size": cfg.render_size,
+                "steps": cfg.release_steps_used,
+                "guidance": cfg.release_guidance_used,
+                "seed": cfg.seed,
+            }
+        )
+        if upscaling:
+            drawn |= {"upscaler": cfg.upscaler, "upscale": cfg.upscale, "upscaler_model": cfg.upscaler_model}
+        return drawn
+
+
+def _release_plan(cfg: RunConfig, run: RunDirectory) -> _ReleasePlan:
+    """Release the very renders the private images voted for when they exist and fit the release settings."""
+    from spti.text_evolution import VoteRenderSpec
+
+    if cfg.voting != "image":
+        return _ReleasePlan("rerender", "text voting renders nothing before the release")
+    if cfg.release_render == "rerender":
+        return _ReleasePlan("rerender", "--release-render rerender")
+    spec = VoteRenderSpec.load(run.state / VOTE_RENDERS)
+    if spec is None:
+        return _ReleasePlan("rerender", "the evolve stage kept no vote renders")
+    differs = []
+    if cfg.release_model_name != spec.model:
+        differs.append(f"model {cfg.release_model_name} (votes: {spec.model})")
+    if cfg.render_size != spec.size:
+        differs.append(f"size {cfg.render_size}² (votes: {spec.size}²)")
+    steps, guidance = cfg.release_steps_used, cfg.release_guidance_used
+    if steps is not None and steps != spec.steps:
+        differs.append(f"{steps} steps (votes: {spec.steps})")
+    if guidance is not None and guidance != spec.guidance:
+        differs.append(f"guidance {guidance} (votes: {spec.guidance})")
+    if cfg.seed != spec.seed:
+        differs.append(f"seed {cfg.seed} (votes: {spec.seed})")
+    if differs:
+        return _ReleasePlan("rerender", "the release differs from the vote renders: " + ", ".join(differs))
+    return _ReleasePlan("voted", "the renders the private images voted for", spec)
+
+
 def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Reporter) -> list[Path]:
-    from private_evolution.population import derive_seed
+    """Draw (or take) and upscale every released description; post-processing of the DP release.
+
+    With image voting the released image of a description is by default the render its votes were
+    cast on (kept by the evolve stage under ``state/vote_renders/``), copied byte for byte before
+    upscaling; a different release model, size, steps, guidance or ``--release-render rerender`` draws
+    each description again with the release generator. Images already drawn with the same settings
+    are kept (a resumed stage draws only the missing ones); other settings draw them all again.
+    """
     from spti.release import check_release_matches, file_sha256
 
     captions_path = run.release / "captions.jsonl"
@@ -405,44 +477,109 @@ def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Repor
     # Images belong to the descriptions they were drawn from: never mix renders of two releases.
     render_record = run.state / "render.json"
     captions_sha = file_sha256(captions_path)
-    drawn_from = json.loads(render_record.read_text()).get("captions_sha256") if render_record.exists() else None
-    if any(out_dir.glob("*.png")) and drawn_from != captions_sha:
+    record = json.loads(render_record.read_text()) if render_record.exists() else {}
+    if any(out_dir.glob("*.png")) and record.get("captions_sha256") != captions_sha:
         raise SptiError(
             f"{out_dir} holds images drawn from other descriptions than {captions_path}; "
             "start a new run in a new --output"
         )
-    atomic_write_json(render_record, {"captions_sha256": captions_sha})
+    plan = _release_plan(cfg, run)
+    upscaling = models.upscaler is not None
+    settings = plan.settings(cfg, upscaling)
     todo = [i for i, p in enumerate(paths) if not p.exists()]
-    final = cfg.render_size * (cfg.upscale if models.upscaler is not None else 1)
-    reporter.info(
-        f"render: {len(rows)} images at {cfg.render_size}² with {cfg.image_model}"
-        + (f", upscaled ×{cfg.upscale} ({cfg.upscaler}) to {final}²" if models.upscaler is not None else "")
-    )
+    if record.get("settings") not in (None, settings) and len(todo) < len(paths):
+        reporter.info(f"render: the settings changed since the images were drawn: all {len(paths)} are drawn again")
+        todo = list(range(len(paths)))
+    atomic_write_json(render_record, {"captions_sha256": captions_sha, "settings": settings})
+    size = plan.spec.size if plan.mode == "voted" else cfg.render_size
+    final = size * (cfg.upscale if upscaling else 1)
+    upscale_note = f", upscaled ×{cfg.upscale} ({cfg.upscaler}) to {final}²" if upscaling else ""
+    if plan.mode == "voted":
+        reporter.info(f"render: {len(rows)} images: {plan.reason} ({size}², {plan.spec.model}){upscale_note}")
+    else:
+        reporter.info(
+            f"render: {len(rows)} images at {size}² with {cfg.release_model_name}{upscale_note}"
+            + (f" ({plan.reason})" if cfg.voting == "image" else "")
+        )
+    redrawn = 0
     with reporter.progress("render", len(rows)) as advance:
         advance(len(rows) - len(todo))
         for start in range(0, len(todo), cfg.batch_size):
             idx = todo[start : start + cfg.batch_size]
             prompts = [rows[i]["text"] for i in idx]
-            images = models.image_generator.generate(
-                prompts,
-                seeds=[derive_seed(cfg.seed, "render", rows[i]["index"]) & 0x7FFFFFFF for i in idx],
-                width=cfg.render_size,
-                height=cfg.render_size,
-                steps=cfg.steps,
-                guidance=cfg.guidance,
-            )
-            if models.upscaler is not None:
+            if plan.mode == "voted":
+                pngs, missing = _vote_renders(plan.spec, run.state / VOTE_RENDERS, prompts, models)
+                redrawn += missing
+                if not upscaling:
+                    for i, data in zip(idx, pngs, strict=True):
+                        atomic_write_bytes(paths[i], data)  # the vote render itself, byte for byte
+                    advance(len(idx))
+                    continue
+                images = [_open_png(data) for data in pngs]
+            else:
+                images = _rerender(cfg, models, rows, idx)
+            if upscaling:
                 images = models.upscaler.upscale(images, prompts=prompts)
             for i, image in zip(idx, images, strict=True):
                 _save_png(image, paths[i])
             advance(len(idx))
+    if redrawn:
+        reporter.warn(
+            f"{redrawn} vote renders were missing and were drawn again with their vote seeds "
+            "(the same image, up to floating-point differences between runs)"
+        )
     from spti.report import write_contact_sheet, write_report
 
     write_contact_sheet(paths, run.release / "contact_sheet.png")
     write_report(run, cfg)
     run.share_release()
-    run.mark("render", images=len(paths), resolution=final)
+    run.mark("render", images=len(paths), resolution=final, release=plan.mode)
     return paths
+
+
+def _vote_renders(spec: Any, render_dir: Path, texts: list[str], models: Any) -> tuple[list[bytes], int]:
+    """The kept vote render (PNG bytes) of each text; a missing one is drawn again exactly as it was voted
+    on (vote generator, size, steps, guidance, first vote seed) and kept. Returns the bytes and how many
+    were drawn again."""
+    from spti.text_evolution import render_seed
+
+    paths = [render_dir / f"{spec.render_key(t)}.png" for t in texts]
+    missing = [j for j, p in enumerate(paths) if not p.exists()]
+    if missing:
+        images = models.image_generator.generate(
+            [texts[j] for j in missing],
+            seeds=[render_seed(texts[j], spec.seed, 0) for j in missing],
+            width=spec.size,
+            height=spec.size,
+            steps=spec.steps,
+            guidance=spec.guidance,
+        )
+        for j, image in zip(missing, images, strict=True):
+            _save_png(image, paths[j])
+    return [p.read_bytes() for p in paths], len(missing)
+
+
+def _rerender(cfg: RunConfig, models: Any, rows: list[dict[str, Any]], idx: list[int]) -> list[Any]:
+    """Draw released descriptions anew with the release generator (seeds from the release index)."""
+    from private_evolution.population import derive_seed
+
+    return models.release_image_generator.generate(
+        [rows[i]["text"] for i in idx],
+        seeds=[derive_seed(cfg.seed, "render", rows[i]["index"]) & 0x7FFFFFFF for i in idx],
+        width=cfg.render_size,
+        height=cfg.render_size,
+        steps=cfg.release_steps_used,
+        guidance=cfg.release_guidance_used,
+    )
+
+
+def _open_png(data: bytes) -> Any:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
 
 
 def _save_png(image: Any, path: Path) -> None:

@@ -153,17 +153,29 @@ class Models:
         model = self._tiny("sentence") if cfg.embedding_model == "tiny" else cfg.embedding_model
         return SentenceTransformerEmbedder(str(model), device=cfg.device, batch_size=max(cfg.batch_size, 32))
 
-    @cached_property
-    def image_generator(self) -> ImageGenerator:
+    def _image_generator(self, name: str) -> ImageGenerator:
         cfg = self.cfg
-        if cfg.provider == "openai" and cfg.image_model != "tiny":
+        if cfg.provider == "openai" and name != "tiny":
             from spti.backends.openai_api import OpenAIImageGenerator
 
-            return OpenAIImageGenerator(cfg.image_model, **self._openai())
+            return OpenAIImageGenerator(name, **self._openai())
         from spti.backends.local.images import DiffusersImageGenerator
 
-        model = self._tiny("sd") if cfg.image_model == "tiny" else cfg.image_model
+        model = self._tiny("sd") if name == "tiny" else name
         return DiffusersImageGenerator(str(model), **self._local_kwargs())
+
+    @cached_property
+    def image_generator(self) -> ImageGenerator:
+        """The vote generator (image voting renders every candidate with it), and by default the release one."""
+        return self._image_generator(self.cfg.image_model)
+
+    @cached_property
+    def release_image_generator(self) -> ImageGenerator:
+        """The generator of released images: ``release_model`` (e.g. SDXL-base at 1024² while SDXL-Turbo
+        votes), built on first use; the vote generator itself when the two are the same model."""
+        if not self.cfg.separate_release_model:
+            return self.image_generator
+        return self._image_generator(self.cfg.release_model_name)
 
     @cached_property
     def image_embedder(self) -> ImageEmbedder:
@@ -196,7 +208,7 @@ class Models:
 
     def close(self) -> None:
         backend = self.__dict__.pop("openai_backend", None)
-        for model in list(self.__dict__.values()):
+        for model in {id(m): m for m in self.__dict__.values()}.values():  # a shared generator closes once
             close = getattr(model, "close", None)
             if callable(close):
                 close()

@@ -279,7 +279,22 @@ def synthesize(
     upscaler_model: Annotated[str | None, Opt(help="Real-ESRGAN weights file, or x4 upscaler model id.")] = None,
     domain: Annotated[str | None, Opt(help="Prompt set: generic | faces | bedrooms | PATH.")] = None,
     privacy_unit: Annotated[str | None, Opt(help="image | folder (one sub-folder = one person).")] = None,
-    population_size: Annotated[int | None, Opt(help="Descriptions kept per round.", min=1)] = None,
+    population_size: Annotated[
+        int | None, Opt(help="Descriptions kept per round (with --population auto: the most).", min=1)
+    ] = None,
+    population: Annotated[str | None, Opt(help="fixed | auto: size the population from the DP count of units.")] = None,
+    target_signal: Annotated[
+        float | None, Opt(help="--population auto: expected votes per candidate, in units of the noise σ.")
+    ] = None,
+    seeding: Annotated[
+        str | None, Opt(help="attributes (DP histogram of the captions' public attributes) | none.")
+    ] = None,
+    max_private: Annotated[
+        int | None, Opt(help="Vote with a uniformly random subset of at most this many privacy units.", min=3)
+    ] = None,
+    units_bound: Annotated[
+        int | None, Opt(help="A public upper bound B on the number of privacy units: δ = 1/(B·ln B).", min=3)
+    ] = None,
     variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
     render_size: Annotated[
         int | None, Opt("--render-size", "--release-size", help="Side of released images before upscaling.", min=8)
@@ -327,6 +342,11 @@ def synthesize(
         domain=domain,
         privacy_unit=privacy_unit,
         population_size=population_size,
+        population=population,
+        target_signal=target_signal,
+        seeding=seeding,
+        max_private=max_private,
+        units_bound=units_bound,
         variation_folds=variation_folds,
         render_size=render_size,
         voting_size=voting_size,
@@ -403,8 +423,13 @@ def evolve(
     llm_model: Annotated[str | None, Opt()] = None,
     embedding_model: Annotated[str | None, Opt()] = None,
     domain: Annotated[str | None, Opt()] = None,
-    population_size: Annotated[int | None, Opt(min=1)] = None,
-    variation_folds: Annotated[int | None, Opt(min=1)] = None,
+    population_size: Annotated[int | None, Opt(help="Descriptions kept per round (auto: the most).", min=1)] = None,
+    population: Annotated[str | None, Opt(help="fixed | auto (sized from the DP count of units).")] = None,
+    target_signal: Annotated[float | None, Opt(help="--population auto: votes per candidate ÷ σ.")] = None,
+    seeding: Annotated[str | None, Opt(help="attributes | none.")] = None,
+    max_private: Annotated[int | None, Opt(help="Vote with a random subset of at most N units.", min=3)] = None,
+    units_bound: Annotated[int | None, Opt(help="Public upper bound B on the units: δ = 1/(B·ln B).", min=3)] = None,
+    variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
     config: ConfigOpt = None,
     seed: Annotated[int | None, Opt()] = None,
     resume: ResumeOpt = False,
@@ -425,6 +450,11 @@ def evolve(
         embedding_model=embedding_model,
         domain=domain,
         population_size=population_size,
+        population=population,
+        target_signal=target_signal,
+        seeding=seeding,
+        max_private=max_private,
+        units_bound=units_bound,
         variation_folds=variation_folds,
         seed=seed,
     )

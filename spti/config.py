@@ -36,7 +36,13 @@ class RunConfig:
     # PE
     iterations: int = 5
     voting: str = "text"
-    population_size: int = 200
+    population_size: int = 200  # kept per round; with population = "auto", the upper bound
+    population: str = "fixed"  # fixed | auto: sized from the DP count of units (target_signal · σ votes each)
+    target_signal: float = 2.0  # auto population: expected votes per candidate per round, in units of σ
+    population_min: int = 8  # auto population: the lower bound of the kept per round
+    max_private: int | None = None  # vote with a uniformly random subset of at most this many units
+    seeding: str = "attributes"  # attributes: DP histogram of the captions' public attribute values; none
+    seeding_share: float = 0.1  # share of the budget (of μ²) for the seeding release
     variation_folds: int = 4
     initial_population: int | None = None
     strength: list[float] = field(default_factory=lambda: [0.5])
@@ -111,6 +117,18 @@ class RunConfig:
             raise bad(f"units-bound={self.units_bound}: must be >= 3 (a public upper bound on the privacy units)")
         if not 0 <= self.count_share < 1:
             raise bad(f"count-share={self.count_share}: must be in [0, 1) (0 releases no DP count of units)")
+        if self.population not in ("fixed", "auto"):
+            raise bad(f"population {self.population!r}: use fixed or auto")
+        if self.population == "auto" and self.count_share <= 0:
+            raise bad("population auto is sized from the DP count of units: count-share must be > 0")
+        if not self.target_signal > 0 or self.population_min < 1:
+            raise bad("target-signal must be > 0 and population-min >= 1")
+        if self.max_private is not None and self.max_private < 3:
+            raise bad(f"max-private={self.max_private}: must be >= 3")
+        if self.seeding not in ("attributes", "none"):
+            raise bad(f"seeding {self.seeding!r}: use attributes or none")
+        if not 0 <= self.seeding_share < 1 or self.count_share + self.seeding_share >= 1:
+            raise bad("seeding-share must be in [0, 1) and leave budget for the rounds with count-share")
         choices = {
             "privacy_unit": ("image", "folder"),
             "voting": ("text", "image"),

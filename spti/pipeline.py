@@ -87,6 +87,10 @@ def _scan(cfg: RunConfig, private_dir: Path, run: RunDirectory, reporter: Report
 
     folder = scan_private_folder(private_dir, privacy_unit=cfg.privacy_unit, on_skip=on_skip)  # type: ignore[arg-type]
     run.ensure_private()
+    subset = _private_subset(run, [im.unit for im in folder.images], cfg.max_private)
+    if subset is not None:
+        folder.images = [im for im in folder.images if im.unit in subset]
+        reporter.info(f"max-private: voting with a uniformly random subset of {len(subset)} privacy units")
     manifest = {
         "root": str(folder.root),
         "privacy_unit": folder.privacy_unit,
@@ -100,6 +104,21 @@ def _scan(cfg: RunConfig, private_dir: Path, run: RunDirectory, reporter: Report
         f"({cfg.privacy_unit}-level), {len(folder.skipped)} files skipped"
     )
     return folder
+
+
+def _private_subset(run: RunDirectory, units: list[str], max_private: int | None) -> set[str] | None:
+    """The units that vote when ``--max-private`` caps them: a uniformly random subset, drawn once
+    from OS entropy (never from ``--seed``) and kept under ``private/`` so a resume uses the same."""
+    path = run.private / "subset.json"
+    if path.exists():
+        return set(json.loads(path.read_text()))
+    distinct = sorted(set(units))
+    if max_private is None or len(distinct) <= max_private:
+        return None
+    rng = np.random.default_rng(np.random.SeedSequence())
+    chosen = sorted(distinct[int(i)] for i in rng.choice(len(distinct), size=max_private, replace=False))
+    atomic_write_json(path, chosen)
+    return set(chosen)
 
 
 def _load_manifest(run: RunDirectory) -> dict[str, Any]:
@@ -215,31 +234,45 @@ def _prompts(cfg: RunConfig) -> Any:
 # --------------------------------------------------------------------------------------------
 # Stage 2: evolve
 # --------------------------------------------------------------------------------------------
+@dataclass
+class PrivateVotes:
+    """What the private side brings to the vote (all of it NOT DP; it never leaves ``private/``)."""
+
+    embeddings: np.ndarray
+    units: np.ndarray
+    captions: list[str] | None = None  # text voting: the captions that vote
+
+
 def _private_votes(
     cfg: RunConfig, run: RunDirectory, models: Any, reporter: Reporter, captions_file: Path | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Private embeddings and their privacy units, cached under ``private/``."""
+) -> PrivateVotes:
+    """Private embeddings, their privacy units (and captions), cached under ``private/``."""
     run.ensure_private()
     if cfg.voting == "text":
         source = captions_file or run.private / "captions.jsonl"
         if not source.exists():
             raise SptiError(f"no private captions at {source}; run the caption stage first")
         rows = [r for r in _read_captions(source, reporter) if r.get("caption")]
+        all_units = [str(r.get("unit", r.get("relpath", i))) for i, r in enumerate(rows)]
+        subset = _private_subset(run, all_units, cfg.max_private)
+        if subset is not None:
+            rows = [r for r, u in zip(rows, all_units, strict=True) if u in subset]
         if not rows:
             raise SptiError(f"{source} holds no usable captions")
         units = np.array([str(r.get("unit", r.get("relpath", i))) for i, r in enumerate(rows)])
+        captions = [r["caption"] for r in rows]
         cache = run.private / "text_embeddings.npy"
         if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == len(rows):
-            return np.load(cache), units
+            return PrivateVotes(np.load(cache), units, captions)
         if cfg.provider == "openai":
             reporter.warn(f"private captions will be sent to {models.openai_host()} for embedding")
         from spti.text_evolution import TextVoteSpace
 
         with reporter.progress("embed private captions", len(rows)) as advance:
-            emb = TextVoteSpace(models.text_embedder).embed([r["caption"] for r in rows])
+            emb = TextVoteSpace(models.text_embedder).embed(captions)
             advance(len(rows))
         atomic_save_npy(cache, emb)
-        return emb, units
+        return PrivateVotes(emb, units, captions)
     # image voting: private images vote in image-feature space, features computed locally
     from spti.data import load_image
 
@@ -248,7 +281,7 @@ def _private_votes(
     units = np.array([im["unit"] for im in images])
     cache = run.private / "image_features.npy"
     if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == len(images):
-        return np.load(cache), units
+        return PrivateVotes(np.load(cache), units)
     root = Path(manifest["root"])
     feats = []
     step = max(cfg.batch_size, 16)
@@ -259,7 +292,41 @@ def _private_votes(
             advance(len(batch))
     emb = np.concatenate(feats)
     atomic_save_npy(cache, emb)
-    return emb, units
+    return PrivateVotes(emb, units)
+
+
+class _RoundMetrics:
+    """After each round: the Fréchet distance in the voting space between the selected candidates
+    and the private set, appended to ``private/metrics_by_round.jsonl`` (owner-only, NOT DP; how
+    rounds, lookahead and prompts are judged). A diagnostic never stops a run."""
+
+    REFERENCE_ROWS = 5000  # a fixed random sample of the private set keeps each round cheap
+
+    def __init__(self, run: RunDirectory, state: Path, private: np.ndarray, reporter: Reporter) -> None:
+        self.path = run.private / "metrics_by_round.jsonl"
+        self.state = state
+        self.reporter = reporter
+        rows = np.random.default_rng(0).permutation(len(private))[: self.REFERENCE_ROWS]
+        self.reference = np.asarray(private)[np.sort(rows)]
+
+    def __call__(self, result: Any) -> None:
+        from private_evolution.files import open_private_append
+        from spti.metrics import round_metrics
+
+        path = self.state / f"round_{result.round_index:03d}" / "embeddings.npy"
+        try:
+            selected = np.load(path, allow_pickle=False)[result.selected]
+            row = {"round": result.round_index} | round_metrics(selected, self.reference)
+        except (OSError, ValueError, np.linalg.LinAlgError) as exc:
+            self.reporter.warn(f"round {result.round_index} metrics skipped: {exc}")
+            return
+        with open_private_append(self.path) as fh:
+            fh.write(json.dumps(row) + "\n")
+
+
+def seeding_active(cfg: RunConfig) -> bool:
+    """Seeding votes with captions: it runs with text voting (image voting has no captions)."""
+    return cfg.seeding == "attributes" and cfg.voting == "text" and cfg.seeding_share > 0
 
 
 def pe_config(cfg: RunConfig) -> Any:
@@ -273,7 +340,10 @@ def pe_config(cfg: RunConfig) -> Any:
         delta=cfg.delta,
         units_bound=cfg.units_bound,
         count_share=cfg.count_share,
-        population_size=cfg.population_size,
+        seeding_share=cfg.seeding_share if seeding_active(cfg) else 0.0,
+        population_size="auto" if cfg.population == "auto" else cfg.population_size,
+        target_signal=cfg.target_signal,
+        auto_population_bounds=(min(cfg.population_min, cfg.population_size), cfg.population_size),
         variation_folds=cfg.variation_folds,
         initial_population=cfg.initial_population,
         strength=tuple(strengths) if len(strengths) > 1 else float(strengths[0]),
@@ -321,7 +391,14 @@ def evolve_stage(
         plan = pe_cfg.noise_plan()
     except ValueError as exc:
         raise SptiError(f"invalid privacy settings: {exc}") from None
-    private, units = _private_votes(cfg, run, models, reporter, captions_file)
+    votes = _private_votes(cfg, run, models, reporter, captions_file)
+    seeding = None
+    if seeding_active(cfg):
+        from spti.seeding import attribute_affinities
+
+        seeding = attribute_affinities(votes.captions or [], _prompts(cfg))
+    elif cfg.seeding == "attributes" and cfg.voting != "text":
+        reporter.info("seeding: skipped (it votes with captions; image voting has none)")
 
     generator = LLMDescriptionGenerator(
         models.llm,
@@ -359,16 +436,39 @@ def evolve_stage(
         )
     reporter.info(
         f"evolve: {cfg.iterations} rounds, σ={plan.round_noise_multiplier:.4g} per round at δ={plan.delta:.3g}, "
-        f"{pe_cfg.population_at(1) if cfg.iterations > 1 else pe_cfg.population_at(0)} candidates a round, "
-        f"{cfg.voting} voting"
+        f"{cfg.voting} voting" + (", DP seeding of the first population" if seeding is not None else "")
     )
+
+    def on_start(sized: Any, count: Any) -> None:
+        per_round = sized.kept(0) * (sized.variation_folds + 1) if sized.iterations > 1 else sized.population_at(0)
+        line = f"evolve: {per_round} candidates a round"
+        if count is not None:
+            line += f"; DP count of privacy units ≈ {count.value:.0f} (noise σ {count.noise_multiplier:.3g})"
+            expected = count.value / max(per_round, 1)
+            if plan.round_noise_multiplier > 0 and expected < plan.round_noise_multiplier:
+                reporter.warn(
+                    f"a candidate expects about {expected:.3g} votes per round but the noise std is "
+                    f"{plan.round_noise_multiplier:.3g}: selection will be mostly noise (try --population auto)"
+                )
+        if cfg.population == "auto":
+            line += f"; population auto: {sized.kept(0)} kept per round (target {cfg.target_signal:g}·σ votes each)"
+        reporter.info(line)
+
+    metrics = _RoundMetrics(run, state, votes.embeddings, reporter)
     resume = (state / "config.json").exists()
     with reporter.progress("evolve (rounds)", cfg.iterations) as advance:
         completed = sum(1 for t in range(cfg.iterations) if (state / f"round_{t:03d}" / "complete.json").exists())
         advance(completed)
         pe = PrivateEvolution(generator, space, pe_cfg, state, private_dir=run.private / "pe")
         try:
-            result = pe.run(private, units=units, resume=resume, callbacks=[lambda r: advance(1)])
+            result = pe.run(
+                votes.embeddings,
+                units=votes.units,
+                resume=resume,
+                callbacks=[metrics, lambda r: advance(1)],
+                seeding_weights=seeding,
+                on_start=on_start,
+            )
         except (BudgetExceededError, RunStateError, PrivacyPlanError) as exc:
             raise SptiError(str(exc)) from None
     for name in result.redrawn:

@@ -117,8 +117,8 @@ def privacy_statement(
                     f"delta={result.delta:.3g} is larger than the conventional 1/(N ln N) = {conv:.3g} for about "
                     f"{count.lower_bound():.0f} units; pass a smaller --delta for a stronger statement"
                 )
-        if private and count.noise_multiplier >= 0 and result.noise_multiplier > 0:
-            per_candidate = count.value / max(1, _candidates_per_round(cfg))
+        if private and result.noise_multiplier > 0:
+            per_candidate = count.value / max(1, _candidates_per_round(result))
             if per_candidate < result.noise_multiplier:
                 warnings.append(
                     f"signal below noise: a candidate expects about {per_candidate:.3g} votes per round "
@@ -148,15 +148,29 @@ def privacy_statement(
         "delta_source": _delta_source(cfg),
         "unit_count": unit_count,
         "conventional_delta": conventional,
+        "population": {
+            "mode": cfg.population,
+            "candidates_per_round": _candidates_per_round(result),
+            "sized_from": "the DP unit count" if cfg.population == "auto" else "the settings",
+        },
+        "seeding": {
+            "used": result.seeding is not None,
+            "noise_multiplier": result.plan.seeding_noise_multiplier,
+            "what": "a DP histogram of the public attribute values the private captions mention, weighting the "
+            "random API's first population"
+            if result.seeding is not None
+            else None,
+        },
         "privacy_profile": profile,
         "ledger": ledger_digest(ledger),
         "redrawn_releases": [r.name for r in ledger.releases if "#" in r.name],
         "mechanism": (
             "Gaussian mechanism on nearest-neighbour vote histograms (each unit's vote vector has L2 norm <= 1; "
             "canonical votes: identical candidates are one bin, exact float64 re-scoring, ties to the lowest index), "
-            f"k={cfg.k}, threshold={cfg.threshold}, {cfg.voting} voting; {cfg.iterations} round releases and the "
-            "DP unit count composed exactly as Gaussian DP; epsilon from dp-accounting's analytical Gaussian "
-            "mechanism"
+            f"k={cfg.k}, threshold={cfg.threshold}, {cfg.voting} voting; {cfg.iterations} round releases, the "
+            "DP unit count"
+            + (" and the seeding release" if result.seeding is not None else "")
+            + " composed exactly as Gaussian DP; epsilon from dp-accounting's analytical Gaussian mechanism"
         ),
         "voting": cfg.voting,
         "noise_source": (
@@ -174,8 +188,11 @@ def privacy_statement(
     }
 
 
-def _candidates_per_round(cfg: RunConfig) -> int:
-    return cfg.population_size * (cfg.variation_folds + 1)
+def _candidates_per_round(result: PEResult[str]) -> int:
+    run_cfg = result.config
+    if run_cfg is None:
+        return 0
+    return run_cfg.population_at(1) if run_cfg.iterations > 1 else run_cfg.population_at(0)
 
 
 def _delta_source(cfg: RunConfig) -> str:

@@ -419,7 +419,7 @@ class LLMDescriptionGenerator:
         requests = []
         for _ in range(n):
             chosen = sorted(rng.choice(len(keys), size=ps.attributes_per_prompt, replace=False))
-            values = [ps.attributes[keys[k]][int(rng.integers(len(ps.attributes[keys[k]])))] for k in chosen]
+            values = [ps.attributes[keys[k]][self._draw_value(keys[k], rng)] for k in chosen]
             attribute = ", ".join(values)
             tone = ps.tones[int(rng.integers(len(ps.tones)))]
             user = ps.random_template.format(subject=ps.subject, attribute=attribute, tone=tone)
@@ -432,6 +432,20 @@ class LLMDescriptionGenerator:
                 )
             )
         return requests
+
+    def condition(self, histogram: np.ndarray) -> None:
+        """Weight the random API's attribute values by a DP seeding histogram (one value per
+        ``prompts.all_attributes()`` pair); see :mod:`spti.seeding`. Post-processing only."""
+        from spti.seeding import value_probabilities
+
+        self._value_probabilities = value_probabilities(histogram, self.prompts)
+
+    def _draw_value(self, key: str, rng: np.random.Generator) -> int:
+        probabilities = getattr(self, "_value_probabilities", None)
+        n = len(self.prompts.attributes[key])
+        if probabilities is None:
+            return int(rng.integers(n))
+        return int(rng.choice(n, p=probabilities[key]))
 
     def random_conversations(self, n: int, seed: int) -> tuple[list[list[ChatMessage]], list[str]]:
         """The random API's prompts and their public fallbacks (a template from the attributes)."""

@@ -58,7 +58,8 @@ def check_release(run: Path, num_samples: int, epsilon: float) -> dict:
         assert key in privacy
     assert "num_units" not in privacy  # the exact number of units is private
     ledger = PrivacyLedger.load(run / "state" / "pe" / "ledger.json")
-    assert len(ledger) == privacy["iterations"] + 1  # the rounds and the DP unit count
+    # the rounds, the DP unit count and (text voting) the seeding release
+    assert len(ledger) == privacy["iterations"] + 1 + int(privacy["seeding"]["used"])
     assert [r["name"] for r in privacy["ledger"]["releases"]] == ledger.names()
     assert (run / "release" / "contact_sheet.png").exists()
     report = (run / "release" / "report.html").read_text()
@@ -161,12 +162,12 @@ def test_kill_mid_evolve_never_spends_twice(private_folder: Path, tmp_path: Path
     result = synth(private_folder, out, "--preset", "smoke", "--iterations", "3")
     assert result.exit_code == 130
     first = np.load(out / "state" / "pe" / "round_001" / "histogram.npz")["values"].copy()
-    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 3  # count, round 0, round 1
+    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 4  # count, seeding, rounds 0 and 1
     monkeypatch.setattr(loop.PrivateEvolution, "_release", original)
     resumed = synth(private_folder, out, "--resume")
     assert resumed.exit_code == 0, resumed.output
     np.testing.assert_array_equal(np.load(out / "state" / "pe" / "round_001" / "histogram.npz")["values"], first)
-    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 4
+    assert len(PrivacyLedger.load(out / "state" / "pe" / "ledger.json")) == 5
     check_release(out, 8, 1.0)
 
 

@@ -1,0 +1,121 @@
+"""spti's use of the DP count and DP seeding: --population auto, --seeding, --max-private, per-round metrics."""
+
+from __future__ import annotations
+
+import json
+import stat
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from private_evolution import PrivacyLedger
+from spti.cli import app
+from spti.prompts import load_prompt_set
+from spti.seeding import attribute_affinities, core_words, value_probabilities
+from spti.testing.example_images import write_example_folder
+from spti.text_evolution import LLMDescriptionGenerator
+
+runner = CliRunner()
+
+
+@pytest.fixture(autouse=True)
+def shared_tiny_models(tmp_path_factory, monkeypatch) -> None:
+    monkeypatch.setenv("SPTI_TINY_MODEL_DIR", str(tmp_path_factory.getbasetemp() / "tiny_models"))
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory) -> Path:
+    return write_example_folder(tmp_path_factory.mktemp("p") / "faces", num_people=5, images_per_person=3, size=32)
+
+
+def synth(folder: Path, out: Path, *extra: str):  # type: ignore[no-untyped-def]
+    return runner.invoke(app, ["synthesize", str(folder), "--output", str(out), "--preset", "smoke", *extra])
+
+
+# --------------------------------------------------------------------------------------------
+# matching captions to public attribute values (a function of one caption: sensitivity stays 1)
+# --------------------------------------------------------------------------------------------
+def test_attribute_matching_works_clause_by_clause() -> None:
+    ps = load_prompt_set("bedrooms")
+    pairs = ps.all_attributes()
+    caps = [
+        "A cozy bedroom with pale blue walls and crisp white linen on a king-size bed.",
+        "white linen, charcoal grey walls",
+        "A kitchen with nothing relevant.",
+    ]
+    matched = [{pairs[j][1] for j in np.flatnonzero(row)} for row in attribute_affinities(caps, ps)]
+    assert {"with pale blue walls", "with crisp white linen", "with a king-size bed"} <= matched[0]
+    assert "with white walls" not in matched[1] and "with charcoal grey walls" in matched[1]
+    assert matched[2] == set()
+    assert core_words("with pale blue walls") == ("pale", "blue", "wall")
+
+
+def test_conditioned_random_api_draws_the_seeded_values() -> None:
+    ps = load_prompt_set("bedrooms")
+    pairs = ps.all_attributes()
+    histogram = np.zeros(len(pairs))
+    blue = pairs.index(("wall_colour", "with navy blue walls"))
+    histogram[blue] = 50.0
+    probabilities = value_probabilities(histogram, ps)
+    assert probabilities["wall_colour"].max() == pytest.approx(0.8 + 0.2 / len(ps.attributes["wall_colour"]))
+    np.testing.assert_allclose(probabilities["bed"], 1 / len(ps.attributes["bed"]))  # unmentioned: uniform
+
+    generator = LLMDescriptionGenerator(llm=None, prompts=ps)  # type: ignore[arg-type]
+    before, _ = generator.random_conversations(400, seed=1)
+    generator.condition(histogram)
+    after, _ = generator.random_conversations(400, seed=1)
+
+    def share(conversations: list) -> float:  # type: ignore[type-arg]
+        walls = ps.attributes["wall_colour"]
+        wall = [c for c in conversations if any(v in c[-1]["content"] for v in walls)]
+        return sum("navy blue walls" in c[-1]["content"] for c in wall) / max(len(wall), 1)
+
+    assert share(before) < 0.15 and share(after) > 0.7
+
+
+# --------------------------------------------------------------------------------------------
+# end to end on the smoke preset
+# --------------------------------------------------------------------------------------------
+def test_seeding_population_auto_and_round_metrics(faces: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = synth(faces, out, "--population", "auto", "--epsilon", "8")
+    assert result.exit_code == 0, result.output
+    assert "population auto:" in result.output and "DP count of privacy units" in result.output
+    privacy = json.loads((out / "release" / "privacy.json").read_text())
+    assert privacy["seeding"]["used"] and privacy["population"]["mode"] == "auto"
+    ledger = PrivacyLedger.load(out / "state" / "pe" / "ledger.json")
+    assert ledger.names()[:2] == ["unit_count", "seeding"]
+    assert (out / "state" / "pe" / "seeding.npz").exists()
+    metrics = out / "private" / "metrics_by_round.jsonl"
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(privacy["iterations"]))
+    assert all(r["fd_voting_space"] is None or r["fd_voting_space"] >= 0 for r in rows)
+    assert stat.S_IMODE(metrics.stat().st_mode) == 0o600
+
+
+def test_seeding_none_releases_no_seeding(faces: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = synth(faces, out, "--seeding", "none")
+    assert result.exit_code == 0, result.output
+    privacy = json.loads((out / "release" / "privacy.json").read_text())
+    assert not privacy["seeding"]["used"]
+    assert "seeding" not in PrivacyLedger.load(out / "state" / "pe" / "ledger.json")
+
+
+def test_max_private_votes_with_a_random_subset_kept_across_resume(faces: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = synth(faces, out, "--max-private", "6")
+    assert result.exit_code == 0, result.output
+    subset = json.loads((out / "private" / "subset.json").read_text())
+    manifest = json.loads((out / "private" / "manifest.json").read_text())
+    assert len(subset) == 6 and {im["unit"] for im in manifest["images"]} == set(subset)
+    again = runner.invoke(app, ["synthesize", str(faces), "--output", str(out), "--resume"])
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "private" / "subset.json").read_text()) == subset
+    # two draws of the subset differ (OS entropy, not --seed)
+    other = tmp_path / "other"
+    assert synth(faces, other, "--max-private", "6").exit_code == 0
+    draws = {tuple(subset), tuple(json.loads((other / "private" / "subset.json").read_text()))}
+    assert len(draws) in (1, 2)  # may coincide by chance (1 in C(15, 6) = 5005)

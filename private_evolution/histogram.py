@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -41,6 +42,7 @@ __all__ = [
 
 Metric = Literal["l2", "cosine"]
 Backend = Literal["auto", "numpy", "torch", "faiss"]
+SearchPrecision = Literal["float32", "tf32", "bf16"]
 
 # Bytes a search chunk may use for its chunk×M score block (and, for k > 1, the partition indices).
 DEFAULT_CHUNK_BYTES = int(os.environ.get("PE_CHUNK_BYTES", 160 * 2**20))
@@ -116,7 +118,7 @@ def _prepare_rows(x: np.ndarray, metric: str) -> np.ndarray:
     """float64 rows, unit-normalised for cosine (row by row: a row's result never depends on others)."""
     if metric != "cosine":
         return x
-    norms = np.sqrt(np.add.reduce(x * x, axis=1))
+    norms = np.sqrt(_tree_sum_columns(x * x))
     return x / np.maximum(norms, np.finfo(np.float64).tiny)[:, None]
 
 
@@ -145,17 +147,28 @@ def _gamma(n: int, unit_roundoff: float) -> float:
 class _Shortlister:
     """Stage 1: per private row, candidate indices that provably contain its exact k nearest.
 
-    Scores s_ij = ||y_j||² − 2·q_i·y_j are computed in float32 (or lower). With inputs rounded to
-    that precision and any summation order, |ŝ_ij − s_ij| ≤ γ_{d+4}·(||q_i|| + max_j ||y_j||)² =: B_i,
+    Scores s_ij = ||y_j||² − 2·q_i·y_j are computed in low precision: inputs rounded with unit
+    roundoff u_in (2⁻²⁴ float32, 2⁻¹¹ TF32, 2⁻⁸ bfloat16), products accumulated with u_acc, the
+    result stored with u_out. Whatever the summation order,
+    |ŝ_ij − s_ij| ≤ [(2u_in + u_in²)(1 + γ) + γ_{d+4}(u_acc) + u_out]·(||q_i|| + max_j ||y_j||)² =: B_i,
     so every candidate whose exact score is among the k smallest has ŝ_ij ≤ ŝ_(k) + 2·B_i, where
     ŝ_(k) is the row's k-th smallest computed score. The margin also covers float64's own error.
     """
 
-    def __init__(self, keys64: np.ndarray, k: int, unit_roundoff: float) -> None:
+    def __init__(
+        self,
+        keys64: np.ndarray,
+        k: int,
+        input_roundoff: float = 2.0**-24,
+        accumulate_roundoff: float = 2.0**-24,
+        output_roundoff: float = 0.0,
+    ) -> None:
         d = keys64.shape[1]
         self.k = k
         self.key_norm_max = float(np.sqrt(np.max(np.add.reduce(keys64 * keys64, axis=1))))
-        self.gamma = _gamma(d + 4, unit_roundoff) + _gamma(d + 4, 2.0**-53)
+        acc = _gamma(d + 4, accumulate_roundoff)
+        rounding = 2 * input_roundoff + input_roundoff**2
+        self.gamma = rounding * (1 + acc) + acc + 2 * output_roundoff + _gamma(d + 4, 2.0**-53)
 
     def margin(self, q64: np.ndarray) -> np.ndarray:
         qn = np.sqrt(np.add.reduce(q64 * q64, axis=1))
@@ -170,33 +183,80 @@ class _Shortlister:
         return np.nonzero(scores <= limit[:, None])
 
 
-def _rescore_exact(
-    q64: np.ndarray, keys64: np.ndarray, rows: np.ndarray, cols: np.ndarray, k: int
-) -> tuple[np.ndarray, np.ndarray]:
+def _tree_sum_columns(x: Any) -> Any:
+    """Row sums by a fixed pairwise tree over the columns (padded to a power of two with zeros).
+
+    Every step is an elementwise IEEE addition, so a row's sum depends only on that row — not on
+    the batch it is in, the device, or the library (numpy and torch give the same bits).
+    """
+    width = x.shape[1]
+    size = 1 << max(0, (width - 1).bit_length())
+    if size != width:
+        pad = size - width
+        x = np.pad(x, ((0, 0), (0, pad))) if isinstance(x, np.ndarray) else _torch_pad(x, pad)
+    while size > 1:
+        size //= 2
+        x = x[:, :size] + x[:, size:]
+    return x[:, 0]
+
+
+def _torch_pad(x: Any, pad: int) -> Any:
+    import torch
+
+    return torch.nn.functional.pad(x, (0, pad))
+
+
+def _first_k_per_row(rows: Any, cols: Any, dist: Any, n: int, k: int) -> tuple[Any, Any]:
+    """The k best (dist, then lowest col) of each row, from flat (row, col, dist) triples."""
+    if isinstance(rows, np.ndarray):
+        order = np.lexsort((cols, dist, rows))
+        rows_sorted = rows[order]
+        first = np.searchsorted(rows_sorted, np.arange(n))
+        counts = np.diff(np.append(first, rows_sorted.size))
+        take = first[:, None] + np.arange(k)[None, :]
+        ok = bool((counts >= k).all())
+        picked_cols, picked_dist = cols[order], dist[order]
+    else:
+        import torch
+
+        # lexicographic (row, dist, col) by three stable sorts, least significant key first
+        order = torch.argsort(cols, stable=True)
+        order = order[torch.argsort(dist[order], stable=True)]
+        order = order[torch.argsort(rows[order], stable=True)]
+        rows_sorted = rows[order]
+        first = torch.searchsorted(rows_sorted, torch.arange(n, device=rows.device))
+        counts = torch.diff(first, append=torch.tensor([rows_sorted.numel()], device=rows.device))
+        take = first[:, None] + torch.arange(k, device=rows.device)[None, :]
+        ok = bool((counts >= k).all())
+        picked_cols, picked_dist = cols[order], dist[order]
+    if not ok:
+        raise RuntimeError("internal error: a shortlist holds fewer than k candidates")
+    return picked_cols[take], picked_dist[take]
+
+
+def _rescore_exact(q64: Any, keys64: Any, rows: Any, cols: Any, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Stage 2: the k nearest of each row among its shortlist, by exact float64 squared distance.
 
-    Each score is a row-wise reduction over one (row, candidate) difference, so it is the same
-    whatever else is in the block; ties go to the lower candidate index.
+    Works on numpy arrays or torch tensors (on their device). Each distance is a fixed tree sum
+    over one (row, candidate) difference, so it is the same whatever else is in the block; ties go
+    to the lower candidate index.
     """
     n = q64.shape[0]
-    out_i = np.empty((n, k), dtype=np.int64)
-    out_d = np.empty((n, k), dtype=np.float64)
     step = max(1, (64 * 2**20) // (8 * q64.shape[1]))
-    dist = np.empty(rows.size, dtype=np.float64)
-    for start in range(0, rows.size, step):
+    parts = []
+    for start in range(0, rows.shape[0], step):
         r, c = rows[start : start + step], cols[start : start + step]
         diff = q64[r] - keys64[c]
-        dist[start : start + step] = np.add.reduce(diff * diff, axis=1)
-    order = np.lexsort((cols, dist, rows))
-    rows_sorted = rows[order]
-    first = np.searchsorted(rows_sorted, np.arange(n))
-    counts = np.diff(np.append(first, rows_sorted.size))
-    if (counts < k).any():
-        raise RuntimeError("internal error: a shortlist holds fewer than k candidates")
-    take = first[:, None] + np.arange(k)[None, :]
-    out_i[:] = cols[order][take]
-    out_d[:] = dist[order][take]
-    return out_i, out_d
+        parts.append(_tree_sum_columns(diff * diff))
+    if isinstance(q64, np.ndarray):
+        dist = np.concatenate(parts) if parts else np.empty(0)
+        idx, d = _first_k_per_row(rows, cols, dist, n, k)
+        return idx, d
+    import torch
+
+    dist = torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64, device=q64.device)
+    idx, d = _first_k_per_row(rows, cols, dist, n, k)
+    return idx.cpu().numpy(), d.cpu().numpy()
 
 
 def _shortlist_numpy(
@@ -208,21 +268,58 @@ def _shortlist_numpy(
     return sl.from_scores(scores, sl.margin(q64) + extra_margin)
 
 
-def _shortlist_torch(q64: np.ndarray, y_t: Any, y_sq_t: Any, sl: _Shortlister) -> tuple[np.ndarray, np.ndarray]:
+# Search precisions of the torch backend: (input roundoff, accumulation roundoff, output roundoff).
+SEARCH_PRECISIONS = {
+    "float32": (2.0**-24, 2.0**-24, 0.0),
+    "tf32": (2.0**-11, 2.0**-24, 0.0),
+    "bf16": (2.0**-8, 2.0**-24, 2.0**-8),
+}
+
+
+def _shortlist_torch(q64: Any, y_t: Any, y_sq_t: Any, sl: _Shortlister, precision: str) -> tuple[Any, Any]:
+    """Stage 1 on the tensors' device. ``q64`` is a float64 tensor; ``y_t`` the keys in the search
+    dtype, ``y_sq_t`` their squared norms (float32).
+
+    The shortlist of a row is every candidate within the margin of its k-th best score. Most rows'
+    shortlists fit in their k + 7 best, taken with one ``topk``; a row whose shortlist might reach
+    past them (near-ties, or a loose bf16 margin) takes its whole margin set from the score row.
+    """
     import torch
 
-    with torch.inference_mode():
-        qt = torch.from_numpy(q64.astype(np.float32)).to(y_t.device)
-        scores = torch.addmm(y_sq_t, qt, y_t.T, alpha=-2.0)
-        if sl.k == 1:
-            kth = scores.min(dim=1).values
-        else:
-            kth = torch.kthvalue(scores.cpu() if scores.device.type == "mps" else scores, sl.k, dim=1).values
-        margin = torch.from_numpy(sl.margin(q64)).to(scores.device)
-        limit = (kth.double() + margin).float()
-        limit = torch.nextafter(limit, torch.full_like(limit, float("inf")))
-        rows, cols = torch.nonzero(scores <= limit[:, None], as_tuple=True)
-        return rows.cpu().numpy(), cols.cpu().numpy()
+    if precision == "bf16":
+        scores = (q64.to(torch.bfloat16) @ y_t.T).float().mul_(-2.0).add_(y_sq_t)
+    else:
+        scores = torch.addmm(y_sq_t, q64.float(), y_t.T, alpha=-2.0)
+    m = scores.shape[1]
+    kprime = min(m, sl.k + 7)
+    top_v, top_i = torch.topk(scores, kprime, dim=1, largest=False, sorted=True)
+    q_norm = torch.sqrt((q64 * q64).sum(dim=1))
+    margin = 2.0 * sl.gamma * (q_norm + sl.key_norm_max) ** 2 * (1 + 1e-6) + 1e-300
+    limit = (top_v[:, sl.k - 1].double() + margin).float()
+    limit = torch.nextafter(limit, torch.full_like(limit, float("inf")))
+    # complete: every candidate outside the k' best scores above the limit, so none can be needed
+    complete = (top_v[:, -1] > limit) | (kprime == m)
+    keep = (top_v <= limit[:, None]) & complete[:, None]
+    rows, pos = torch.nonzero(keep, as_tuple=True)
+    cols = top_i[rows, pos]
+    wide = torch.nonzero(~complete, as_tuple=True)[0]
+    if wide.numel():
+        r2, c2 = torch.nonzero(scores[wide] <= limit[wide, None], as_tuple=True)
+        rows, cols = torch.cat([rows, wide[r2]]), torch.cat([cols, c2])
+    return rows, cols
+
+
+@contextmanager
+def _matmul_precision(precision: str) -> Iterator[None]:
+    """float32 products in true float32 (no TF32) unless TF32 was asked for; restored after."""
+    import torch
+
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
 
 
 def _shortlist_faiss(
@@ -259,15 +356,22 @@ def nearest_neighbors(
     backend: Backend = "auto",
     chunk_size: int | None = None,
     device: str | None = None,
+    search_precision: SearchPrecision | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact, canonical k nearest ``keys`` of every row of ``queries``.
 
     Returns ``(indices, distances)``, nearest first, distances as float64 squared L2 or cosine
     distance (1 − cos). Canonical: a row's answer depends only on that row and ``keys`` — not on the
-    backend, the chunking or the other rows. Bit-identical keys count as one (the lowest index
-    answers for all), so a row gets ``min(k, distinct keys)`` neighbours; ties in exact distance go
-    to the lower index. ``backend="auto"`` is torch for tensors or a non-CPU ``device`` and numpy
-    otherwise; ``faiss`` on request. Memory beyond the inputs is O(chunk_size · M).
+    backend, the precision of the search, the chunking or the other rows. Bit-identical keys count
+    as one (the lowest index answers for all), so a row gets ``min(k, distinct keys)`` neighbours;
+    ties in exact distance go to the lower index.
+
+    ``backend="auto"`` is torch for tensors or a non-CPU ``device`` and numpy otherwise; ``faiss``
+    on request. ``search_precision`` (torch only; default TF32 on CUDA, float32 elsewhere) is the
+    precision of the candidate search: whatever it is, every row's few best candidates are
+    re-scored exactly in float64 with a proven margin, so the votes do not change. ``queries`` may
+    be a memory-mapped ``.npy`` (``np.load(path, mmap_mode="r")``): rows are read a chunk at a time.
+    Memory beyond the inputs is O(chunk_size · M).
     """
     n, _m, d = _check_inputs(queries, keys, k, metric)
     chosen = _resolve_backend(backend, queries, keys, device)
@@ -278,22 +382,15 @@ def nearest_neighbors(
     k_eff = min(k, m_u)
     if n == 0:
         return np.empty((0, k_eff), dtype=np.int64), np.empty((0, k_eff), dtype=np.float64)
+    if chosen == "torch":
+        return _nearest_torch(queries, uniq64, first, k_eff, metric, chunk_size, device, search_precision)
+    if search_precision not in (None, "float32"):
+        raise ValueError(f"search_precision {search_precision!r} needs the torch backend")
     y32 = uniq64.astype(np.float32)
     y_sq = np.add.reduce(y32.astype(np.float64) ** 2, axis=1).astype(np.float32)
-    unit_roundoff = 2.0**-24
-    if chosen == "torch":
-        import torch
-
-        if device is not None:
-            dev = torch.device(device)
-        else:
-            dev = queries.device if _is_torch_tensor(queries) else torch.device("cpu")
-        if dev.type == "cuda":
-            unit_roundoff = 2.0**-11  # TF32 may serve float32 matrix products on recent GPUs
-        y_t = torch.from_numpy(y32).to(dev)
-        y_sq_t = torch.from_numpy(y_sq).to(dev)
-        chunk = _chunk_rows(m_u, chunk_size, GPU_CHUNK_BYTES if dev.type == "cuda" else 0)
-    elif chosen == "faiss":
+    y_t = np.ascontiguousarray((-2.0 * y32).T)
+    sl = _Shortlister(uniq64, k_eff)
+    if chosen == "faiss":
         import faiss
 
         index = faiss.IndexFlatL2(d)
@@ -301,22 +398,70 @@ def nearest_neighbors(
         chunk = _chunk_rows(m_u, chunk_size, 1 << 30)
     else:
         chunk = _chunk_rows(m_u, chunk_size)
-    if chosen != "torch":
-        y_t = np.ascontiguousarray((-2.0 * y32).T)
-    sl = _Shortlister(uniq64, k_eff, unit_roundoff)
     indices = np.empty((n, k_eff), dtype=np.int64)
     dists = np.empty((n, k_eff), dtype=np.float64)
     for start in range(0, n, chunk):
         q64 = _prepare_rows(_as_float64(queries[start : start + chunk]), metric)
-        if chosen == "torch":
-            rows, cols = _shortlist_torch(q64, y_t, y_sq_t, sl)
-        elif chosen == "faiss":
+        if chosen == "faiss":
             rows, cols = _shortlist_faiss(q64, index, y_t, y_sq, sl, m_u)
         else:
             rows, cols = _shortlist_numpy(q64, y_t, y_sq, sl)
         idx, dist = _rescore_exact(q64, uniq64, rows.astype(np.int64), cols.astype(np.int64), k_eff)
         indices[start : start + chunk] = first[idx]
         dists[start : start + chunk] = dist / 2.0 if metric == "cosine" else dist
+    return indices, dists
+
+
+def _nearest_torch(
+    queries: Any,
+    uniq64: np.ndarray,
+    first: np.ndarray,
+    k: int,
+    metric: str,
+    chunk_size: int | None,
+    device: str | None,
+    precision: str | None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Both stages on the torch device: low-precision search, float64 re-score, in row chunks."""
+    import torch
+
+    if device is not None:
+        dev = torch.device(device)
+    else:
+        dev = queries.device if _is_torch_tensor(queries) else torch.device("cpu")
+    # TF32's proven margin is tight enough that nearly every row's shortlist fits its k + 7 best;
+    # bf16's is 8× looser, which pays only when nearest neighbours are well separated.
+    precision = precision or ("tf32" if dev.type == "cuda" else "float32")
+    if precision not in SEARCH_PRECISIONS:
+        raise ValueError(f"search_precision must be one of {', '.join(SEARCH_PRECISIONS)}, got {precision!r}")
+    if dev.type == "mps":
+        raise ValueError("the torch backend needs float64 for the exact re-score, which MPS lacks; use cpu or cuda")
+    sl = _Shortlister(uniq64, k, *SEARCH_PRECISIONS[precision])
+    m_u = uniq64.shape[0]
+    keys_t = torch.from_numpy(uniq64).to(dev)
+    y_t = keys_t.to(torch.bfloat16) if precision == "bf16" else keys_t.float()
+    y_sq = (keys_t.float() * keys_t.float()).sum(dim=1)
+    chunk = _chunk_rows(m_u, chunk_size, GPU_CHUNK_BYTES if dev.type == "cuda" else 0)
+    n = queries.shape[0]
+    indices = np.empty((n, k), dtype=np.int64)
+    dists = np.empty((n, k), dtype=np.float64)
+    with torch.inference_mode(), _matmul_precision(precision):
+        for start in range(0, n, chunk):
+            block = queries[start : start + chunk]
+            if _is_torch_tensor(block):
+                q64 = block.to(dev, torch.float64)
+                if not torch.isfinite(q64).all():
+                    raise ValueError("embeddings contain NaN or infinite values; check the embedding model's output")
+            else:
+                q64 = torch.from_numpy(_as_float64(block)).to(dev)
+            if metric == "cosine":
+                q64 = (
+                    q64 / torch.clamp(torch.sqrt(_tree_sum_columns(q64 * q64)), min=np.finfo(np.float64).tiny)[:, None]
+                )
+            rows, cols = _shortlist_torch(q64, y_t, y_sq, sl, precision)
+            idx, dist = _rescore_exact(q64, keys_t, rows, cols, k)
+            indices[start : start + chunk] = first[idx]
+            dists[start : start + chunk] = dist / 2.0 if metric == "cosine" else dist
     return indices, dists
 
 

@@ -297,9 +297,10 @@ class PEResult(Generic[S]):
 
 def _fingerprint(private: np.ndarray, units: np.ndarray | None, seeding: np.ndarray | None = None) -> str:
     h = hashlib.sha256()
-    arr = np.ascontiguousarray(private)
-    h.update(str((arr.shape, arr.dtype.str)).encode())
-    h.update(arr.tobytes())
+    h.update(str((tuple(private.shape), np.dtype(private.dtype).str)).encode())
+    step = max(1, (64 * 2**20) // max(1, private[:1].nbytes))  # hash in blocks: a memory-mapped file streams
+    for start in range(0, private.shape[0], step):
+        h.update(np.ascontiguousarray(private[start : start + step]).tobytes())
     if units is not None:
         h.update(np.ascontiguousarray(np.asarray(units).astype(str)).tobytes())
     if seeding is not None:

@@ -145,13 +145,14 @@ def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: P
     if not todo:
         reporter.info("caption: all private images already captioned")
     else:
-        if cfg.provider == "openai":
+        hosted = cfg.model_spec("caption").provider == "openai"
+        if hosted:
             reporter.warn(
-                f"private images will be sent to {models.openai_host()} for captioning (model {cfg.caption_model}); "
-                "DP does not hide them from the provider"
+                f"private images will be sent to {models.endpoint_of('caption')} for captioning "
+                f"(model {cfg.caption_model}); DP does not hide them from the provider"
             )
         prompt = _prompts(cfg).caption_prompt
-        batch = max(1, cfg.batch_size if cfg.provider == "local" else cfg.concurrency)
+        batch = max(1, cfg.concurrency if hosted else cfg.batch_size)
         with (
             open_private_append(out_path) as fh,
             reporter.progress("caption", len(folder.images)) as advance,
@@ -263,9 +264,9 @@ def _private_votes(
         captions = [r["caption"] for r in rows]
         cache = run.private / "text_embeddings.npy"
         if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == len(rows):
-            return PrivateVotes(np.load(cache), units, captions)
-        if cfg.provider == "openai":
-            reporter.warn(f"private captions will be sent to {models.openai_host()} for embedding")
+            return PrivateVotes(np.load(cache, mmap_mode="r"), units, captions)
+        if cfg.model_spec("text_embedding").provider == "openai":
+            reporter.warn(f"private captions will be sent to {models.endpoint_of('text_embedding')} for embedding")
         from spti.text_evolution import TextVoteSpace
 
         with reporter.progress("embed private captions", len(rows)) as advance:
@@ -281,7 +282,7 @@ def _private_votes(
     units = np.array([im["unit"] for im in images])
     cache = run.private / "image_features.npy"
     if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == len(images):
-        return PrivateVotes(np.load(cache), units)
+        return PrivateVotes(np.load(cache, mmap_mode="r"), units)
     root = Path(manifest["root"])
     feats = []
     step = max(cfg.batch_size, 16)

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from private_evolution import PEConfig, PrivacyLedger, PrivateEvolution, RunStateError
+from private_evolution import histogram as H
 from private_evolution.histogram import clean_vote_histogram
 
 from .toy import IdentityEmbedder, PointGenerator, private_points
@@ -243,3 +244,55 @@ def test_bins_without_votes_receive_noise(tmp_path: Path) -> None:
         # many candidates get no clean vote; every one of them must still carry noise
         assert np.count_nonzero(raw == 0.0) == 0
         assert np.unique(raw).size == raw.size
+
+
+@pytest.mark.parametrize("precision", ["float32", "tf32", "bf16"])
+@pytest.mark.parametrize("metric", ["l2", "cosine"])
+def test_low_precision_search_gives_the_exact_float64_votes(precision: str, metric: str) -> None:
+    """bf16/TF32 only shortlist; the exact re-score makes the votes those of float64 brute force."""
+    pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    base = rng.standard_normal((40, 96)).astype(np.float32)
+    candidates = np.concatenate([base, base[:8], base[3:9] + np.float32(1e-6)])
+    private = (base[rng.integers(0, 40, 300)] + 0.3 * rng.standard_normal((300, 96))).astype(np.float32)
+    got, _ = H.nearest_neighbors(private, candidates, k=2, metric=metric, backend="torch", search_precision=precision)
+    q = private.astype(np.float64)
+    y = candidates.astype(np.float64)
+    if metric == "cosine":
+        q, y = H._prepare_rows(q, "cosine"), H._prepare_rows(y, "cosine")
+    d2 = ((q[:, None, :] - y[None, :, :]) ** 2).sum(-1)
+    first, _ = H.merge_identical(y)
+    d2 = d2[:, first]  # bit-identical candidates are one: the lowest index answers
+    order = np.lexsort((np.broadcast_to(np.arange(first.size), d2.shape), d2), axis=1)[:, :2]
+    np.testing.assert_array_equal(got, first[order])
+    numpy_votes, _ = H.nearest_neighbors(private, candidates, k=2, metric=metric, backend="numpy")
+    np.testing.assert_array_equal(got, numpy_votes)
+
+
+def test_memory_mapped_private_features_stream_through(tmp_path: Path) -> None:
+    """Rows are read a chunk at a time: the anonymous memory stays far below the feature file."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "private.npy"
+    rows, dims = 120_000, 256  # a 123 MB file
+    arr = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(rows, dims))
+    for start in range(0, rows, 20_000):
+        arr[start : start + 20_000] = np.random.default_rng(start).standard_normal((20_000, dims), dtype=np.float32)
+    arr.flush()
+    del arr
+    code = (
+        "import numpy as np, re, sys\n"
+        "from private_evolution.histogram import clean_vote_histogram\n"
+        "def anon():\n"
+        "    return int(re.search(r'RssAnon:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        f"q = np.load({str(path)!r}, mmap_mode='r')\n"
+        "y = np.random.default_rng(1).standard_normal((2000, 256)).astype(np.float32)\n"
+        "base = anon()\n"
+        "h = clean_vote_histogram(q, y, chunk_size=4096)\n"
+        "assert abs(h.sum() - q.shape[0]) < 1e-6\n"
+        "print(anon() - base)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    grown_kib = int(out.stdout.strip().splitlines()[-1])
+    assert grown_kib * 1024 < 60 * 2**20, grown_kib  # far below the 123 MB of features

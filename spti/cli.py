@@ -156,7 +156,7 @@ def budget(
 # --------------------------------------------------------------------------------------------
 Opt = typer.Option
 OutputOpt = Annotated[Path, Opt("--output", "-o", help="Run directory to create (or continue with --resume).")]
-PresetOpt = Annotated[str | None, Opt(help="smoke | quick | paper | openai (default quick).")]
+PresetOpt = Annotated[str | None, Opt(help="smoke | quick | paper | openai | hybrid (default quick).")]
 ConfigOpt = Annotated[Path | None, Opt("--config", help="TOML file with settings; flags win over it.")]
 ResumeOpt = Annotated[bool, Opt("--resume", help="Continue an interrupted run in --output.")]
 EpsOpt = Annotated[str | None, Opt("--epsilon", "-e", help="Privacy budget ε ('inf' for no privacy).")]
@@ -167,8 +167,13 @@ ReleaseRenderOpt = Annotated[
     Opt(help="Image voting: voted (release the render the private images voted for) | rerender (draw again)."),
 ]
 ReleaseModelOpt = Annotated[
-    str | None, Opt(help="Model of the released images, e.g. SDXL-base while SDXL-Turbo votes (default: the same).")
+    str | None,
+    Opt(
+        help="[provider:]model[@URL] of the released images, e.g. SDXL-base while SDXL-Turbo votes (default: the same)."
+    ),
 ]
+# every model flag takes a role spec: [provider:]model[@base_url]; a bare name uses --provider / --base-url
+SPEC = "[provider:]model[@URL], e.g. openai:gpt-4o-mini or openai:MODEL@http://gpu1:8000/v1; bare: --provider"
 ReleaseStepsOpt = Annotated[int | None, Opt(help="Denoising steps of the release model.", min=1)]
 ReleaseGuidanceOpt = Annotated[float | None, Opt(help="Guidance scale of the release model.")]
 # settings `spti render` may change besides RunDirectory.RENDER_CHANGES: they only decide the release's pixels
@@ -254,6 +259,9 @@ def _check_private_dir(private_dir: Path) -> Path:
         "  spti synthesize examples/private_faces --output /tmp/run --preset smoke\n\n"
         "  spti synthesize photos/ -o runs/r1 --epsilon 4 --num-samples 500 --domain faces --privacy-unit folder\n\n"
         "  OPENAI_API_KEY=... spti synthesize photos/ -o runs/r2 --preset openai --base-url http://localhost:8000/v1\n\n"
+        "  spti synthesize photos/ -o runs/r3 --preset hybrid --caption-model openai:gpt-4o-mini "
+        "--llm-model openai:meta-llama/Meta-Llama-3-8B-Instruct@http://gpu1:8000/v1 "
+        "--image-model local:stabilityai/sdxl-turbo\n\n"
         "  spti synthesize photos/ -o runs/r1 --resume"
     )
 )
@@ -267,12 +275,22 @@ def synthesize(
     iterations: Annotated[int | None, Opt(help="PE rounds (noisy releases).", min=1)] = None,
     preset: PresetOpt = None,
     voting: Annotated[str | None, Opt(help="text (captions vote) | image (images vote on renders).")] = None,
-    provider: Annotated[str | None, Opt(help="local (Hugging Face) | openai (any compatible API).")] = None,
-    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint, e.g. http://localhost:8000/v1.")] = None,
-    caption_model: Annotated[str | None, Opt(help="Vision-language model for captions.")] = None,
-    llm_model: Annotated[str | None, Opt(help="Chat model for the random / variation APIs.")] = None,
-    embedding_model: Annotated[str | None, Opt(help="Text embedding model (text voting).")] = None,
-    image_model: Annotated[str | None, Opt(help="Text-to-image model.")] = None,
+    provider: Annotated[
+        str | None, Opt(help="local (Hugging Face) | openai (any compatible API): for models named bare.")
+    ] = None,
+    base_url: Annotated[
+        str | None, Opt(help="OpenAI-compatible endpoint of openai models without @URL, e.g. http://localhost:8000/v1.")
+    ] = None,
+    caption_model: Annotated[
+        str | None, Opt(help=f"Vision-language model for captions (sees private images): {SPEC}.")
+    ] = None,
+    llm_model: Annotated[
+        str | None, Opt(help=f"Chat model for the random / variation APIs (public text): {SPEC}.")
+    ] = None,
+    embedding_model: Annotated[
+        str | None, Opt(help=f"Text embedding model (text voting; sees private captions): {SPEC}.")
+    ] = None,
+    image_model: Annotated[str | None, Opt(help=f"Text-to-image model (public text): {SPEC}.")] = None,
     image_embedder: Annotated[str | None, Opt(help="wavelet | clip[:ID] | dinov2[:ID] | inception:PATH.")] = None,
     upscaler: Annotated[str | None, Opt(help="none | lanczos | realesrgan | sd-x4.")] = None,
     upscale: Annotated[int | None, Opt(help="Upscaling factor: 1, 2 or 4.")] = None,
@@ -373,9 +391,9 @@ def caption(
     private_dir: Annotated[Path, typer.Argument(help="Folder of private images.")],
     output: OutputOpt,
     preset: PresetOpt = None,
-    provider: Annotated[str | None, Opt(help="local | openai.")] = None,
-    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint.")] = None,
-    caption_model: Annotated[str | None, Opt(help="Vision-language model.")] = None,
+    provider: Annotated[str | None, Opt(help="local | openai (for models named bare).")] = None,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint (for openai models without @URL).")] = None,
+    caption_model: Annotated[str | None, Opt(help=f"Vision-language model: {SPEC}.")] = None,
     privacy_unit: Annotated[str | None, Opt(help="image | folder.")] = None,
     domain: Annotated[str | None, Opt(help="Prompt set (its caption prompt is used).")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda.")] = None,
@@ -418,10 +436,10 @@ def evolve(
     num_samples: Annotated[int | None, Opt(min=1)] = None,
     iterations: Annotated[int | None, Opt(min=1)] = None,
     preset: PresetOpt = None,
-    provider: Annotated[str | None, Opt(help="local | openai.")] = None,
-    base_url: Annotated[str | None, Opt()] = None,
-    llm_model: Annotated[str | None, Opt()] = None,
-    embedding_model: Annotated[str | None, Opt()] = None,
+    provider: Annotated[str | None, Opt(help="local | openai (for models named bare).")] = None,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint (for openai models without @URL).")] = None,
+    llm_model: Annotated[str | None, Opt(help=f"Chat model: {SPEC}.")] = None,
+    embedding_model: Annotated[str | None, Opt(help=f"Text embedding model: {SPEC}.")] = None,
     domain: Annotated[str | None, Opt()] = None,
     population_size: Annotated[int | None, Opt(help="Descriptions kept per round (auto: the most).", min=1)] = None,
     population: Annotated[str | None, Opt(help="fixed | auto (sized from the DP count of units).")] = None,
@@ -527,7 +545,7 @@ def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
 @_user_errors
 def render(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with released descriptions.")],
-    image_model: Annotated[str | None, Opt()] = None,
+    image_model: Annotated[str | None, Opt(help=f"Text-to-image model: {SPEC}.")] = None,
     render_size: Annotated[int | None, Opt("--render-size", "--release-size", min=8)] = None,
     release_render: ReleaseRenderOpt = None,
     release_model: ReleaseModelOpt = None,

@@ -8,15 +8,150 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from spti.errors import SptiError
 
-Preset = Literal["smoke", "quick", "paper", "openai"]
-PRESETS: tuple[str, ...] = ("smoke", "quick", "paper", "openai")
+Preset = Literal["smoke", "quick", "paper", "openai", "hybrid"]
+PRESETS: tuple[str, ...] = ("smoke", "quick", "paper", "openai", "hybrid")
+
+
+# --------------------------------------------------------------------------------------------
+# Model roles: each names its own provider, model, endpoint and key variable
+# --------------------------------------------------------------------------------------------
+# role -> the RunConfig field holding its model (TOML table [models.<role>], CLI flag --<field>)
+ROLE_FIELDS: dict[str, str] = {
+    "caption": "caption_model",  # sees private images
+    "llm": "llm_model",  # random / variation API: public text only
+    "text_embedding": "embedding_model",  # text voting: sees private captions
+    "image": "image_model",  # the vote generator (and by default the release one): public text only
+    "release_image": "release_model",  # the generator of released images (default: image)
+    "upscaler": "upscaler_model",  # local only
+    "image_features": "image_embedder",  # local only: private images never leave the machine here
+}
+FIELD_ROLES: dict[str, str] = {v: k for k, v in ROLE_FIELDS.items()}
+PROVIDERS: tuple[str, ...] = ("local", "openai")
+LOCAL_ONLY_ROLES = frozenset({"upscaler", "image_features"})
+TABLE_KEYS = ("provider", "model", "base_url", "api_key_env")
+_FLAGS = {
+    "caption_model": "--caption-model",
+    "llm_model": "--llm-model",
+    "embedding_model": "--embedding-model",
+    "image_model": "--image-model",
+    "release_model": "--release-model",
+    "upscaler_model": "--upscaler-model",
+    "image_embedder": "--image-embedder",
+}
+# names people reach for that are servers or libraries, not providers: say what to write instead
+_NOT_PROVIDERS = frozenset(
+    {"vllm", "ollama", "llamacpp", "llama.cpp", "llama-cpp", "lmstudio", "litellm", "azure", "tgi", "sglang"}
+    | {"hf", "huggingface", "transformers", "diffusers", "sentence-transformers", "gguf"}
+)
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_URL_AT = re.compile(r"@(?=https?://)", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model role resolved: who serves it, which model, where, and which variable holds the key.
+
+    ``base_url`` is the role's own endpoint (``None``: the run's ``base_url``, else
+    ``$OPENAI_BASE_URL``, else the OpenAI API); ``api_key_env`` the name of the environment variable
+    with its API key (``None``: ``OPENAI_API_KEY``). Never the key itself.
+    """
+
+    role: str
+    provider: str
+    model: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.provider}:{self.model}" + (f"@{self.base_url}" if self.base_url else "")
+
+
+def _role_label(role: str) -> str:
+    field_name = ROLE_FIELDS[role]
+    return f"{_FLAGS[field_name]} / [models.{role}]"
+
+
+def parse_model_spec(text: Any, *, where: str = "model") -> tuple[str | None, str, str | None]:
+    """``[provider:]model[@base_url]`` -> (provider or None, model, base_url or None).
+
+    The prefix is a provider only when it is one (``local`` or ``openai``), so ``llama3:8b`` (an
+    Ollama tag), ``repo:file.gguf`` and ``clip:ID`` stay model names; ``@`` starts the endpoint only
+    when an http(s) URL follows. ``where`` names the flag or table in error messages.
+    """
+    if not isinstance(text, str) or not text.strip():
+        raise SptiError(f"invalid setting: {where}: give a model name, e.g. openai:gpt-4o-mini or local:MODEL_ID")
+    text = text.strip()
+    base_url = None
+    found = _URL_AT.search(text)
+    if found:
+        text, base_url = text[: found.start()], text[found.end() :]
+    elif "@" in text and re.search(r"@[^@]*[:/.]", text):
+        raise SptiError(
+            f"invalid setting: {where} {text!r}: the endpoint after '@' must be an http(s) URL, "
+            "e.g. openai:MODEL@http://gpu1:8000/v1"
+        )
+    provider = None
+    head, sep, rest = text.partition(":")
+    if sep and head.lower() in PROVIDERS:
+        provider, text = head.lower(), rest
+    elif sep and head.lower() in _NOT_PROVIDERS:
+        raise SptiError(
+            f"invalid setting: {where} {text!r}: {head!r} is not a provider; write openai:MODEL@URL for any "
+            "OpenAI-compatible server (vLLM, llama.cpp, Ollama), or local:MODEL for this machine"
+        )
+    if not text:
+        raise SptiError(f"invalid setting: {where}: no model after {head + ':'!r}, e.g. {head}:MODEL_ID")
+    return provider, text, None if base_url is None else checked_base_url(base_url, where=where)
+
+
+def checked_base_url(url: str, *, where: str) -> str:
+    """An endpoint such as ``http://gpu1:8000/v1`` (trailing ``/`` dropped), or one clear error."""
+    parts = urlsplit(url)
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        raise SptiError(f"invalid setting: {where}: {url!r} is not an http(s) URL such as http://gpu1:8000/v1")
+    return url.rstrip("/")
+
+
+def _checked_spec(spec: ModelSpec, where: str) -> ModelSpec:
+    if spec.provider not in PROVIDERS:
+        raise SptiError(f"invalid setting: {where}: provider {spec.provider!r}; use one of {', '.join(PROVIDERS)}")
+    if spec.role in LOCAL_ONLY_ROLES and spec.provider != "local":
+        raise SptiError(
+            f"invalid setting: {where}: {spec.role} runs locally only (no OpenAI-compatible API for it); "
+            f"drop 'openai:' and name a local model"
+        )
+    if spec.provider == "local" and spec.base_url:
+        raise SptiError(
+            f"invalid setting: {where}: a local model has no endpoint ({spec.base_url}); "
+            f"write openai:{spec.model}@{spec.base_url} for a model served over the OpenAI protocol"
+        )
+    if spec.api_key_env is not None:
+        if spec.provider == "local":
+            raise SptiError(f"invalid setting: {where}: api_key_env is for openai models; a local model needs no key")
+        if spec.api_key_env.startswith("sk-") or not _ENV_NAME.fullmatch(spec.api_key_env):
+            raise SptiError(
+                f"invalid setting: {where}: api_key_env must name the environment variable that holds the key "
+                "(e.g. OPENAI_API_KEY), never the key itself"
+            )
+    return spec
+
+
+def model_spec_with(cfg: RunConfig, field_name: str, value: Any) -> ModelSpec:
+    """The spec ``field_name`` (a role's model field) would give its role if set to ``value`` (a flag):
+    the value names the role whole, so a bare name takes the run's provider."""
+    role = FIELD_ROLES[field_name]
+    probe = dataclasses.replace(cfg, models={k: v for k, v in cfg.models.items() if k != role})
+    setattr(probe, field_name, value)
+    return probe.model_spec(role)
 
 
 @dataclass
@@ -59,9 +194,10 @@ class RunConfig:
     rephrase_fraction: float = 0.0
     temperature: float = 1.0
     top_p: float = 0.95
-    # models
-    provider: str = "local"
-    base_url: str | None = None
+    # models: each role names its model in its field below, as a spec ``[provider:]model[@base_url]``
+    # (a bare name: the run's provider); ``models`` holds each role's resolved route (see ROLE_FIELDS)
+    provider: str = "local"  # the provider of roles whose spec names none
+    base_url: str | None = None  # the endpoint of openai roles whose spec names none
     caption_model: str = "HuggingFaceTB/SmolVLM-256M-Instruct"
     llm_model: str = "HuggingFaceTB/SmolLM2-360M-Instruct"
     embedding_model: str = "sentence-transformers/all-MiniLM-L6-v2"
@@ -88,6 +224,8 @@ class RunConfig:
     concurrency: int = 32
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
+    # role -> {"provider", and where given "base_url", "api_key_env"}; saved as [models.<role>] tables
+    models: dict[str, dict[str, str]] = field(default_factory=dict)
 
     # -- io --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -97,11 +235,81 @@ class RunConfig:
     def to_toml(self) -> str:
         lines = ["# spti run configuration (resolved: preset < config file < flags)"]
         for key, value in self.to_dict().items():
+            if key == "models":
+                continue  # tables come after the top-level keys
             if value is None:
                 lines.append(f"# {key} = (default)")
             else:
                 lines.append(f"{key} = {_toml_value(value)}")
+        lines.append("")
+        lines.append("# each model role, resolved (no API keys: api_key_env names the variable that holds one)")
+        for role in ROLE_FIELDS:
+            if getattr(self, ROLE_FIELDS[role]) is None:
+                continue
+            spec = self.model_spec(role)
+            lines.append(f"[models.{role}]")
+            lines.append(f"provider = {_toml_value(spec.provider)}")
+            lines.append(f"model = {_toml_value(spec.model)}")
+            route = self.models.get(role, {})
+            if spec.provider == "openai":
+                if route.get("base_url"):
+                    lines.append(f"base_url = {_toml_value(route['base_url'])}")
+                else:
+                    lines.append("# base_url: the run's base_url ($OPENAI_BASE_URL, else https://api.openai.com/v1)")
+                if route.get("api_key_env"):
+                    lines.append(f"api_key_env = {_toml_value(route['api_key_env'])}")
+                else:
+                    lines.append("# api_key_env: OPENAI_API_KEY")
         return "\n".join(lines) + "\n"
+
+    # -- model roles -------------------------------------------------------------------------
+    def model_spec(self, role: str) -> ModelSpec:
+        """The resolved spec of ``role`` (one of :data:`ROLE_FIELDS`): its field's
+        ``[provider:]model[@base_url]`` over the route in ``models``, the run's provider and base_url.
+
+        ``release_image`` without a ``release_model`` is the vote generator (``image``) itself."""
+        if role not in ROLE_FIELDS:
+            raise SptiError(f"unknown model role {role!r}: use one of {', '.join(ROLE_FIELDS)}")
+        field_name = ROLE_FIELDS[role]
+        value = getattr(self, field_name)
+        if value is None and role == "release_image":
+            return dataclasses.replace(self.model_spec("image"), role=role)
+        if value is None:
+            return ModelSpec(role, "local", self.upscaler if role == "upscaler" else "")
+        where = _role_label(role)
+        provider, model, base_url = parse_model_spec(value, where=where)
+        route = self.models.get(role, {})
+        api_key_env = route.get("api_key_env")
+        if provider is None and base_url is None:  # a bare name: the route saved or given for the role
+            provider, base_url = route.get("provider"), route.get("base_url")
+        if provider is None and base_url is not None:  # only openai models have an endpoint
+            provider = "openai"
+        if provider is None:
+            provider = "local" if model == "tiny" or role in LOCAL_ONLY_ROLES else self.provider
+        return _checked_spec(ModelSpec(role, provider, model, base_url, api_key_env), where)
+
+    def endpoint_base_url(self, spec: ModelSpec) -> str | None:
+        """The base URL an openai role talks to: its own, else the run's ``base_url`` (None: the default)."""
+        return spec.base_url or self.base_url
+
+    def _resolve_roles(self) -> None:
+        """Check every role's spec; keep bare model names in the fields and the routes in ``models``."""
+        routes: dict[str, dict[str, str]] = {}
+        for role, field_name in ROLE_FIELDS.items():
+            if getattr(self, field_name) is None:
+                continue
+            spec = self.model_spec(role)
+            setattr(self, field_name, spec.model)
+            route = {"provider": spec.provider}
+            if spec.base_url:
+                route["base_url"] = spec.base_url
+            if spec.api_key_env:
+                route["api_key_env"] = spec.api_key_env
+            routes[role] = route
+        unknown = sorted(set(self.models) - set(ROLE_FIELDS))
+        if unknown:
+            raise SptiError(f"invalid setting: models.{unknown[0]}: unknown role; use one of {', '.join(ROLE_FIELDS)}")
+        self.models = routes
 
     def validate(self) -> RunConfig:
         def bad(msg: str) -> SptiError:
@@ -174,6 +382,7 @@ class RunConfig:
             raise bad(f"release-steps must be >= 1, got {self.release_steps}")
         if self.release_model == "":
             self.release_model = None
+        self._resolve_roles()
         if self.upscale not in (1, 2, 4):
             raise bad(f"upscale {self.upscale}: use 1, 2 or 4")
         if not self.strength or any(not 0 < s <= 1 for s in self.strength):
@@ -197,8 +406,14 @@ class RunConfig:
 
     @property
     def separate_release_model(self) -> bool:
-        """Whether released images come from another model than the vote renders."""
-        return self.release_model_name != self.image_model
+        """Whether released images come from another model than the vote renders (or the same model
+        from another provider or endpoint)."""
+        if self.release_model_name != self.image_model:
+            return True
+        if self.release_model is None:
+            return False
+        release, image = self.model_spec("release_image"), self.model_spec("image")
+        return (release.provider, release.base_url) != (image.provider, image.base_url)
 
     @property
     def release_steps_used(self) -> int | None:
@@ -341,12 +556,77 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
         upscale=1,
         concurrency=32,
     ),
+    # Each role where the SPTI authors ran it: a hosted captioner, a self-served LLM over the
+    # OpenAI protocol, a local GPU renderer and a local text embedder. Only the captioner sees
+    # private data off the machine (the CLI says so first; privacy.json names the endpoint).
+    "hybrid": dict(
+        # private images go to OpenAI, one per request (key: $OPENAI_API_KEY)
+        caption_model="openai:gpt-4o-mini",
+        # public text only: `vllm serve meta-llama/Meta-Llama-3-8B-Instruct --port 8000` on this machine
+        llm_model="openai:meta-llama/Meta-Llama-3-8B-Instruct@http://localhost:8000/v1",
+        # text voting in a local sentence space: the private captions stay here (the authors' sentence-t5)
+        voting="text",
+        embedding_model="local:sentence-transformers/sentence-t5-base",
+        # the authors' renderer on the local GPU: SDXL-Turbo at its native 512², 4 steps, no guidance
+        image_model="local:stabilityai/sdxl-turbo",
+        steps=4,
+        guidance=0.0,
+        render_size=512,
+        voting_size=256,
+        image_embedder="wavelet",
+        # the authors' variation (σ_w = 36, at least 25 words, no cap), at the quick preset's scale
+        word_count_std=36.0,
+        min_words=25,
+        max_words=None,
+        num_samples=100,
+        iterations=5,
+        population_size=200,
+        variation_folds=4,
+        upscaler="lanczos",
+        upscale=2,
+        concurrency=32,
+    ),
 }
 
 FIELD_NAMES = frozenset(f.name for f in fields(RunConfig))
 
 
+def _read_model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
+    """``[models.<role>]`` tables (``provider``, ``model``, ``base_url``, ``api_key_env``), checked."""
+    out: dict[str, dict[str, Any]] = {}
+    for role, table in tables.items():
+        label = f"{where}: [models.{role}]"
+        if role not in ROLE_FIELDS:
+            raise SptiError(f"{label}: unknown role; use one of {', '.join(ROLE_FIELDS)}")
+        if not isinstance(table, dict):
+            raise SptiError(f'{label}: must be a table, e.g. [models.{role}] provider = "openai" model = "..."')
+        table = {k.replace("-", "_"): v for k, v in table.items()}
+        unknown = sorted(set(table) - set(TABLE_KEYS))
+        if any("key" in k for k in unknown):
+            raise SptiError(f"{label}: never write an API key in a file; name its variable with api_key_env")
+        if unknown:
+            raise SptiError(f"{label}: unknown key(s) {', '.join(unknown)}; use {', '.join(TABLE_KEYS)}")
+        for key, value in table.items():
+            if not isinstance(value, str):
+                raise SptiError(f"{label}: {key} must be a string")
+        if "model" not in table:
+            raise SptiError(f'{label}: needs model = "..." (the model the role uses)')
+        spec_provider, model, url = parse_model_spec(table["model"], where=label)
+        if spec_provider is not None or url is not None:
+            raise SptiError(f"{label}: model names the model only; put the provider and endpoint in provider, base_url")
+        base_url = table.get("base_url")
+        if base_url is not None:
+            base_url = table["base_url"] = checked_base_url(base_url, where=f"{label} base_url")
+        provider = table.get("provider") or ("openai" if base_url else None)
+        if provider is not None:  # else the run's provider, checked with the run's settings
+            _checked_spec(ModelSpec(role, provider, model, base_url, table.get("api_key_env")), label)
+        out[role] = table
+    return out
+
+
 def load_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's settings. ``[sections]`` are for readability (their keys are global), except
+    ``[models.<role>]`` tables, which name a role's provider, model, base_url and api_key_env."""
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -355,15 +635,51 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     except tomllib.TOMLDecodeError as exc:
         raise SptiError(f"config file {path} is not valid TOML: {exc}") from None
     flat: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
     for key, value in data.items():
-        if isinstance(value, dict):  # allow [sections] for readability; keys are global
+        if key == "models" and isinstance(value, dict):
+            for name, inner in value.items():  # [models.<role>] tables, or flat keys in a [models] section
+                (tables if isinstance(inner, dict) else flat)[name] = inner
+        elif isinstance(value, dict):  # allow [sections] for readability; keys are global
             flat.update(value)
         else:
             flat[key] = value
-    unknown = sorted(k for k in (k.replace("-", "_") for k in flat) if k not in FIELD_NAMES)
+    unknown = sorted(k for k in (k.replace("-", "_") for k in flat) if k not in FIELD_NAMES or k == "models")
     if unknown:
         raise SptiError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
-    return {k.replace("-", "_"): v for k, v in flat.items()}
+    values = {k.replace("-", "_"): v for k, v in flat.items()}
+    if tables:
+        values["models"] = _read_model_tables(tables, f"config file {path}")
+    for role, table in values.get("models", {}).items():
+        field_name = ROLE_FIELDS[role]
+        if field_name in values:
+            _, model, _ = parse_model_spec(values[field_name], where=f"config file {path}: {field_name}")
+            if model != table["model"]:
+                raise SptiError(
+                    f"config file {path}: {field_name} = {values[field_name]!r} and [models.{role}] model = "
+                    f"{table['model']!r} name two models for one role; keep one of them"
+                )
+    return values
+
+
+def _merge_levels(levels: list[dict[str, Any]]) -> dict[str, Any]:
+    """Settings of rising precedence merged into one; a role is named whole at each level: a
+    ``[models.<role>]`` table or a ``<field> = "[provider:]model[@base_url]"`` replaces the role's
+    provider, model, endpoint and key variable given below it."""
+    values: dict[str, Any] = {}
+    routes: dict[str, dict[str, str]] = {}
+    for level in levels:
+        level = dict(level)
+        tables = level.pop("models", None) or {}
+        for field_name in FIELD_ROLES:
+            if field_name in level:
+                routes.pop(FIELD_ROLES[field_name], None)
+        for role, table in tables.items():
+            level[ROLE_FIELDS[role]] = table["model"]
+            routes[role] = {k: table[k] for k in ("provider", "base_url", "api_key_env") if table.get(k)}
+        values.update(level)
+    values["models"] = routes
+    return values
 
 
 def resolve_config(
@@ -375,13 +691,11 @@ def resolve_config(
     """preset defaults < config file < explicit flags (``None`` in overrides means 'not given')."""
     file_values = load_toml(config_file) if config_file else {}
     flag_values = {k: v for k, v in (overrides or {}).items() if v is not None}
+    flag_values.pop("models", None)
     chosen = flag_values.get("preset") or preset or file_values.get("preset") or "quick"
     if chosen not in PRESETS:
         raise SptiError(f"unknown preset {chosen!r}: use one of {', '.join(PRESETS)}")
-    values: dict[str, Any] = {"preset": chosen}
-    values.update(PRESET_VALUES[chosen])
-    values.update(file_values)
-    values.update(flag_values)
+    values = _merge_levels([{"preset": chosen, **PRESET_VALUES[chosen]}, file_values, flag_values])
     values["preset"] = chosen
     if values.get("delta") in ("auto", "default"):
         values["delta"] = None
@@ -397,7 +711,9 @@ def resolve_config(
 
 
 def config_from_saved(path: str | Path) -> RunConfig:
-    values = load_toml(path)
+    """A run's saved ``config.toml``; one written before per-role models (no ``[models.*]``
+    tables) resolves every role through its ``provider`` and ``base_url``, as it ran."""
+    values = _merge_levels([load_toml(path)])
     if values.get("epsilon") == "inf":
         values["epsilon"] = math.inf
     return RunConfig(**values).validate()

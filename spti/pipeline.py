@@ -204,8 +204,14 @@ def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: P
         },
     )
     run.seal_private()
-    run.record_private_endpoints("caption", models.endpoints)
+    run.record_private_endpoints("caption", _sent(models, "caption"))
     run.mark("caption")
+
+
+def _sent(models: Any, *roles: str) -> dict[str, str]:
+    """Where the stage's own roles sent private data (a Models object used by an earlier stage
+    also remembers that stage's roles)."""
+    return {role: endpoint for role, endpoint in models.endpoints.items() if role in roles}
 
 
 def _clean_caption(text: str | None) -> str | None:
@@ -477,7 +483,7 @@ def evolve_stage(
     rows = release_rows(result)
     captions_path = run.release / "captions.jsonl"
     atomic_write_jsonl(captions_path, rows)
-    run.record_private_endpoints("evolve", models.endpoints)
+    run.record_private_endpoints("evolve", _sent(models, "text_embedding", "image_features"))
     privacy = privacy_statement(
         cfg, run, result, generation=generator.stats.as_dict(), captions_sha256=file_sha256(captions_path)
     )

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from private_evolution.files import SHARED_FILE_MODE, atomic_write_json, atomic_write_text
-from spti.config import RunConfig, config_from_saved
+from spti.config import FIELD_ROLES, RunConfig, config_from_saved, model_spec_with
 from spti.errors import SptiError
 
 PRIVATE_README = """\
@@ -196,6 +196,19 @@ class RunDirectory:
         values = saved.to_dict()
         for key, value in (overrides or {}).items():
             if value is None or key == "preset":
+                continue
+            if key in FIELD_ROLES:  # a model flag names its role whole: compare the resolved specs
+                wanted = model_spec_with(saved, key, value)
+                if wanted == saved.model_spec(FIELD_ROLES[key]):
+                    continue
+                if key not in also_allowed:
+                    raise SptiError(
+                        f"cannot change {key.replace('_', '-')} when resuming {self.root} "
+                        f"(run has {str(saved.model_spec(FIELD_ROLES[key]))!r}, flag gives {str(wanted)!r}); "
+                        "drop the flag or start a new run"
+                    )
+                values[key] = value
+                values["models"] = {r: v for r, v in values["models"].items() if r != FIELD_ROLES[key]}
                 continue
             if key in self.RESUMABLE_CHANGES or key in also_allowed:
                 values[key] = value

@@ -1,8 +1,11 @@
 """Build the models a run needs from its configuration, lazily (only what a stage uses is loaded).
 
-Model names are Hugging Face ids or local directories (``provider = "local"``), model names of an
-OpenAI-compatible server (``provider = "openai"``), or ``"tiny"``: a tiny randomly-initialised model
-built on the fly into the run's state folder (the offline ``smoke`` preset; its outputs are noise).
+Every role (caption, llm, text_embedding, image, release_image, upscaler, image_features) is built
+from its own :class:`~spti.config.ModelSpec`: a Hugging Face id or local directory (``local``), a
+model of an OpenAI-compatible server (``openai``, at the role's ``base_url`` with the key in its
+``api_key_env``), or ``"tiny"``: a tiny randomly-initialised local model built on the fly into the
+run's state folder (the offline ``smoke`` preset; its outputs are noise). Roles on the same server
+with the same key share one client; all of them share the run's one request cache.
 The image embedder is named by a spec: ``wavelet``, ``clip[:ID]``, ``dinov2[:ID]`` or
 ``inception:PATH`` (FID Inception-v3 weights file).
 """
@@ -25,8 +28,10 @@ if TYPE_CHECKING:
         TextGenerator,
         Upscaler,
     )
-    from spti.config import RunConfig
+    from spti.config import ModelSpec, RunConfig
     from spti.rundir import RunDirectory
+
+DEFAULT_KEY_ENV = "OPENAI_API_KEY"
 
 DEFAULT_CLIP = "openai/clip-vit-base-patch32"
 DEFAULT_DINOV2 = "facebook/dinov2-small"
@@ -36,10 +41,16 @@ class Models:
     """The run's models, each built on first use. ``endpoints`` records where private data went.
 
     ``run`` is the run directory: tiny models are built in its ``state/``, and the hosted
-    provider's request cache lives in its ``private/`` (it holds captions of private images
+    providers' request cache lives in its ``private/`` (it holds captions of private images
     verbatim and embeddings of private captions). A plain folder instead of a run directory is
     taken as the state folder, and then nothing is cached (there is no private folder to put it in).
+
+    ``endpoints`` maps the roles that see private data (caption, text_embedding, image_features)
+    to where it went: an endpoint URL or ``"local"``. The llm and image roles see public text only
+    and are never listed there.
     """
+
+    PRIVATE_ROLES = ("caption", "text_embedding", "image_features")
 
     def __init__(self, config: RunConfig, run: RunDirectory | str | Path) -> None:
         from spti.rundir import RunDirectory
@@ -52,6 +63,8 @@ class Models:
             self.state_dir = Path(run)
             self.private_dir = None
         self.endpoints: dict[str, str] = {}
+        self._backends: dict[tuple[str, str], Any] = {}
+        self._cache: Any = None
 
     # -- helpers ---------------------------------------------------------------------------
     @property
@@ -91,83 +104,127 @@ class Models:
         """``RUN_DIR/private/requests.sqlite``: answers hold private captions, so never in ``state/``."""
         return self.private_dir / "requests.sqlite" if self.private_dir is not None else None
 
-    @cached_property
-    def openai_backend(self) -> Any:
-        """One client for every hosted model: one connection pool, shared rate limits, one usage report."""
-        from spti.backends.openai_api import OpenAIBackend
+    def spec(self, role: str) -> ModelSpec:
+        """The resolved spec of ``role`` (provider, model, endpoint, key variable)."""
+        return self.cfg.model_spec(role)
 
-        return OpenAIBackend(
-            base_url=self.cfg.base_url,
-            cache_path=self.request_cache_path,
+    def base_url_of(self, spec: ModelSpec) -> str:
+        """The server root an openai role talks to (its own, the run's ``base_url``, or the default)."""
+        from spti.backends.openai_api import resolve_base_url
+
+        return resolve_base_url(self.cfg.endpoint_base_url(spec))
+
+    def endpoint_of(self, role: str) -> str:
+        """Where ``role`` sends its inputs: ``"local"`` or the endpoint URL (no credentials). Needs no network."""
+        spec = self.spec(role)
+        if spec.provider != "openai":
+            return "local"
+        from spti.backends.openai_api import describe_endpoint
+
+        return describe_endpoint(self.cfg.endpoint_base_url(spec))
+
+    def backend_for(self, spec: ModelSpec) -> Any:
+        """The client of ``spec``'s server: one per distinct (base URL, key variable), with its own
+        connection pool, limits and usage, all writing the run's one request cache."""
+        from spti.backends.openai_api import OpenAIBackend
+        from spti.backends.request_cache import RequestCache
+
+        url = self.base_url_of(spec)
+        key_env = spec.api_key_env or DEFAULT_KEY_ENV
+        backend = self._backends.get((url, key_env))
+        if backend is not None:
+            return backend
+        api_key = None  # the default variable: the backend reads it (and needs it for api.openai.com only)
+        if spec.api_key_env:
+            api_key = os.environ.get(spec.api_key_env)
+            if not api_key:
+                raise SptiError(
+                    f"the {spec.role} model {spec} reads its API key from ${spec.api_key_env} (api_key_env), "
+                    f"which is not set; export {spec.api_key_env}=... or change [models.{spec.role}] api_key_env"
+                )
+        if self._cache is None and self.request_cache_path is not None:
+            self._cache = RequestCache(self.request_cache_path)  # keys include the endpoint: one file serves all
+        backend = OpenAIBackend(
+            base_url=url,
+            api_key=api_key,
+            cache=self._cache,
             max_concurrency=self.cfg.concurrency,
             requests_per_minute=self.cfg.requests_per_minute,
             tokens_per_minute=self.cfg.tokens_per_minute,
         )
+        self._backends[(url, key_env)] = backend
+        return backend
 
-    def _openai(self) -> dict[str, Any]:
-        return {"backend": self.openai_backend}
+    @property
+    def openai_backend(self) -> Any:
+        """The client of the run's default endpoint (``--base-url``, ``$OPENAI_API_KEY``)."""
+        from spti.config import ModelSpec
+
+        return self.backend_for(ModelSpec("default", "openai", "-"))
 
     def openai_host(self) -> str:
+        """The run's default endpoint (``--base-url``); each role's own is :meth:`endpoint_of`."""
         from spti.backends.openai_api import describe_endpoint
 
         return describe_endpoint(self.cfg.base_url)
 
-    # -- the six models --------------------------------------------------------------------
+    def _private_role(self, role: str) -> ModelSpec:
+        """The spec of a role that sees private data, noted in :attr:`endpoints` before it is built."""
+        self.endpoints[role] = self.endpoint_of(role)
+        return self.spec(role)
+
+    # -- the models ------------------------------------------------------------------------
     @cached_property
     def captioner(self) -> Captioner:
-        cfg = self.cfg
-        if cfg.provider == "openai":
+        spec = self._private_role("caption")
+        if spec.provider == "openai":
             from spti.backends.openai_api import OpenAICaptioner
 
-            self.endpoints["caption"] = self.openai_host()
-            return OpenAICaptioner(cfg.caption_model, **self._openai())
+            return OpenAICaptioner(spec.model, backend=self.backend_for(spec))
         from spti.backends.local.text import HFCaptioner
 
-        self.endpoints["caption"] = "local"
-        model = self._tiny("vlm") if cfg.caption_model == "tiny" else cfg.caption_model
+        model = self._tiny("vlm") if spec.model == "tiny" else spec.model
         return HFCaptioner(str(model), **self._local_kwargs())
 
     @cached_property
     def llm(self) -> TextGenerator:
-        cfg = self.cfg
-        if cfg.provider == "openai":
+        """The random / variation API: public prompts and synthetic texts only."""
+        spec = self.spec("llm")
+        if spec.provider == "openai":
             from spti.backends.openai_api import OpenAITextGenerator
 
-            return OpenAITextGenerator(cfg.llm_model, **self._openai())
+            return OpenAITextGenerator(spec.model, backend=self.backend_for(spec))
         from spti.backends.local.text import HFTextGenerator
 
-        model = self._tiny("lm") if cfg.llm_model == "tiny" else cfg.llm_model
+        model = self._tiny("lm") if spec.model == "tiny" else spec.model
         return HFTextGenerator(str(model), **self._local_kwargs())
 
     @cached_property
     def text_embedder(self) -> TextEmbedder:
-        cfg = self.cfg
-        if cfg.provider == "openai":
+        spec = self._private_role("text_embedding")
+        if spec.provider == "openai":
             from spti.backends.openai_api import OpenAITextEmbedder
 
-            self.endpoints["text_embedding"] = self.openai_host()
-            return OpenAITextEmbedder(cfg.embedding_model, **self._openai())
+            return OpenAITextEmbedder(spec.model, backend=self.backend_for(spec))
         from spti.backends.local.text import SentenceTransformerEmbedder
 
-        self.endpoints["text_embedding"] = "local"
-        model = self._tiny("sentence") if cfg.embedding_model == "tiny" else cfg.embedding_model
-        return SentenceTransformerEmbedder(str(model), device=cfg.device, batch_size=max(cfg.batch_size, 32))
+        model = self._tiny("sentence") if spec.model == "tiny" else spec.model
+        return SentenceTransformerEmbedder(str(model), device=self.cfg.device, batch_size=max(self.cfg.batch_size, 32))
 
-    def _image_generator(self, name: str) -> ImageGenerator:
-        cfg = self.cfg
-        if cfg.provider == "openai" and name != "tiny":
+    def _image_generator(self, spec: ModelSpec) -> ImageGenerator:
+        if spec.provider == "openai":
             from spti.backends.openai_api import OpenAIImageGenerator
 
-            return OpenAIImageGenerator(name, **self._openai())
+            return OpenAIImageGenerator(spec.model, backend=self.backend_for(spec))
         from spti.backends.local.images import DiffusersImageGenerator
 
-        model = self._tiny("sd") if name == "tiny" else name
+        model = self._tiny("sd") if spec.model == "tiny" else spec.model
         return DiffusersImageGenerator(str(model), **self._local_kwargs())
 
     @cached_property
     def image_generator(self) -> ImageGenerator:
         """The vote generator (image voting renders every candidate with it), and by default the release one."""
-        return self._image_generator(self.cfg.image_model)
+        return self._image_generator(self.spec("image"))
 
     @cached_property
     def release_image_generator(self) -> ImageGenerator:
@@ -175,13 +232,13 @@ class Models:
         votes), built on first use; the vote generator itself when the two are the same model."""
         if not self.cfg.separate_release_model:
             return self.image_generator
-        return self._image_generator(self.cfg.release_model_name)
+        return self._image_generator(self.spec("release_image"))
 
     @cached_property
     def image_embedder(self) -> ImageEmbedder:
         """Image features are always computed locally: private images never leave the machine here."""
-        self.endpoints["image_features"] = "local"
-        return build_image_embedder(self.cfg.image_embedder, device=self.cfg.device, batch_size=self.cfg.batch_size)
+        spec = self._private_role("image_features")
+        return build_image_embedder(spec.model, device=self.cfg.device, batch_size=self.cfg.batch_size)
 
     @cached_property
     def upscaler(self) -> Upscaler | None:
@@ -190,30 +247,54 @@ class Models:
             return None
         from spti.backends.local import upscale
 
+        model = self.spec("upscaler").model if cfg.upscaler_model else None
         if cfg.upscaler == "lanczos":
             return upscale.LanczosUpscaler(scale=cfg.upscale)
         if cfg.upscaler == "realesrgan":
-            return upscale.RealESRGANUpscaler(str(cfg.upscaler_model), scale=cfg.upscale, device=cfg.device)
+            return upscale.RealESRGANUpscaler(str(model), scale=cfg.upscale, device=cfg.device)
         return upscale.DiffusersX4Upscaler(
-            cfg.upscaler_model or "stabilityai/stable-diffusion-x4-upscaler",
+            model or "stabilityai/stable-diffusion-x4-upscaler",
             scale=cfg.upscale,
             device=cfg.device,
             dtype=cfg.dtype,
         )
 
     def usage(self) -> dict[str, Any]:
-        """Requests, tokens and estimated cost of the hosted models used so far."""
-        backend = self.__dict__.get("openai_backend")
-        return backend.usage() if backend is not None else {}
+        """Requests, tokens and estimated cost of the hosted models used so far: the totals, and each
+        endpoint's own report under ``by_endpoint`` (keyed by its URL, plus the key variable when one
+        server is reached with two keys)."""
+        if not self._backends:
+            return {}
+        urls = [url for url, _ in self._backends]
+        by_endpoint: dict[str, Any] = {}
+        for (url, key_env), backend in self._backends.items():
+            name = url if urls.count(url) == 1 else f"{url} (${key_env})"
+            by_endpoint[name] = backend.usage()
+        reports = list(by_endpoint.values())
+        totals: dict[str, Any] = {}
+        for report in reports:
+            for key, value in report.items():
+                if isinstance(value, int | float) and not isinstance(value, bool):
+                    totals[key] = totals.get(key, 0) + value
+        totals["cost_known"] = all(r.get("cost_known", True) for r in reports)
+        totals["unpriced_models"] = sorted({m for r in reports for m in r.get("unpriced_models", [])})
+        if len(reports) == 1:
+            totals["endpoint"] = reports[0].get("endpoint")
+            totals["by_model"] = reports[0].get("by_model", {})
+        return {**totals, "by_endpoint": by_endpoint}
 
     def close(self) -> None:
-        backend = self.__dict__.pop("openai_backend", None)
-        for model in {id(m): m for m in self.__dict__.values()}.values():  # a shared generator closes once
-            close = getattr(model, "close", None)
-            if callable(close):
+        backends = list(self._backends.values())
+        self._backends.clear()
+        for model in {id(m): m for m in self.__dict__.values() if not isinstance(m, dict)}.values():
+            close = getattr(model, "close", None)  # a shared generator closes once
+            if callable(close) and model is not self._cache:
                 close()
-        if backend is not None:
+        for backend in backends:
             backend.close()
+        if self._cache is not None:
+            self._cache.close()
+            self._cache = None
 
 
 def build_image_embedder(spec: str, *, device: str = "auto", batch_size: int = 16) -> ImageEmbedder:

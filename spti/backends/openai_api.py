@@ -8,6 +8,7 @@ from spti.backends.openai import (
     DEFAULT_BASE_URL,
     DEFAULT_PRICES,
     ConnectionOptions,
+    Endpoint,
     ModelPrice,
     OpenAIBackend,
     OpenAICaptioner,
@@ -16,7 +17,9 @@ from spti.backends.openai import (
     OpenAITextGenerator,
     RequestFailure,
     describe_endpoint,
+    parse_endpoints,
     resolve_base_url,
+    split_base_urls,
 )
 from spti.backends.openai.helpers import _retry_after  # used by the tests
 
@@ -24,6 +27,7 @@ __all__ = [
     "DEFAULT_BASE_URL",
     "DEFAULT_PRICES",
     "ConnectionOptions",
+    "Endpoint",
     "ModelPrice",
     "OpenAIBackend",
     "OpenAICaptioner",
@@ -33,5 +37,7 @@ __all__ = [
     "RequestFailure",
     "_retry_after",
     "describe_endpoint",
+    "parse_endpoints",
     "resolve_base_url",
+    "split_base_urls",
 ]

@@ -9,7 +9,9 @@ answers, a fixed status such as 401), and counters tell what the client actually
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/embeddings``, ``POST /v1/images/generations``,
 ``POST /v1/images/edits`` (multipart), ``GET /v1/models``; control: ``GET /_spti/stats``,
-``POST /_spti/reset``, ``POST /_spti/config``.
+``GET /_spti/completions`` (answers per request fingerprint), ``POST /_spti/reset``,
+``POST /_spti/config``. :meth:`LoopbackOpenAIServer.kill` (in-process) and SIGUSR1 (as a process)
+stop it abruptly, as a crash would, for fail-over tests.
 
 In-process::
 
@@ -188,6 +190,10 @@ class ServerStats:
         self.max_in_flight = 0
         self.recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=max(0, keep_bodies))
         self.request_times: list[float] = []
+        self.killed = False
+        """Set by :func:`abort_server`: answers finished after it were never delivered, so they are
+        not counted as completions (``answered_after_kill`` counts them)."""
+        self.answered_after_kill = 0
 
     def reset(self) -> None:
         with self._lock:
@@ -215,6 +221,9 @@ class ServerStats:
     def _end(self, fingerprint: str, status: int) -> None:
         with self._lock:
             self.in_flight -= 1
+            if self.killed:
+                self.answered_after_kill += 1
+                return
             self.by_status[status] += 1
             if status == 200:
                 self.completions[fingerprint] += 1
@@ -233,7 +242,14 @@ class ServerStats:
                 "duplicated_completions": sum(1 for c in self.completions.values() if c > 1),
                 "in_flight": self.in_flight,
                 "max_in_flight": self.max_in_flight,
+                "killed": self.killed,
+                "answered_after_kill": self.answered_after_kill,
             }
+
+    def completion_counts(self) -> dict[str, int]:
+        """Answers delivered per request fingerprint (SHA-256 of the body), to compare servers."""
+        with self._lock:
+            return dict(self.completions)
 
     def recent_bodies(self, endpoint: str | None = None) -> list[dict[str, Any]]:
         """The last ``keep_bodies`` parsed request bodies (optionally of one endpoint)."""
@@ -536,6 +552,9 @@ class _Handlers:
     async def get_stats(self, request: web.Request) -> web.Response:
         return web.json_response(self.stats.snapshot())
 
+    async def get_completions(self, request: web.Request) -> web.Response:
+        return web.json_response(self.stats.completion_counts())
+
     async def reset(self, request: web.Request) -> web.Response:
         self.stats.reset()
         return web.json_response({"ok": True})
@@ -551,6 +570,21 @@ class _Handlers:
         return web.json_response(dataclasses.asdict(self.config))
 
 
+def abort_server(runner: web.AppRunner, stats: ServerStats) -> None:
+    """Stop as a crashed process would (call on the server's loop): stop listening, reset every open
+    connection, and count no answer from now on (none can be delivered). Requests in flight see a
+    reset connection, new ones a refused one."""
+    with stats._lock:
+        stats.killed = True
+    for site in list(runner.sites):
+        listener = getattr(site, "_server", None)
+        if listener is not None:
+            listener.close()
+    server = runner.server
+    for transport in list(getattr(server, "_connections", {}).values()):
+        transport.abort()
+
+
 def make_app(config: FaultConfig, stats: ServerStats) -> web.Application:
     """The aiohttp application (exposed for embedding in other test servers)."""
     handlers = _Handlers(config, stats)
@@ -561,6 +595,7 @@ def make_app(config: FaultConfig, stats: ServerStats) -> web.Application:
     app.router.add_post("/v1/images/generations", handlers.images)
     app.router.add_post("/v1/images/edits", handlers.image_edits)
     app.router.add_get("/_spti/stats", handlers.get_stats)
+    app.router.add_get("/_spti/completions", handlers.get_completions)
     app.router.add_post("/_spti/reset", handlers.reset)
     app.router.add_post("/_spti/config", handlers.set_config)
     return app
@@ -627,6 +662,22 @@ class LoopbackOpenAIServer:
             raise RuntimeError(f"loopback OpenAI server failed to start: {failure[0]}") from failure[0]
         return self
 
+    def kill(self) -> None:
+        """Stop abruptly, like a crashed server (see :func:`abort_server`); :attr:`stats` stay readable."""
+        if self._loop is not None and self._thread is not None and self._thread.is_alive() and self._runner:
+            done = threading.Event()
+            runner = self._runner
+
+            def abort() -> None:
+                try:
+                    abort_server(runner, self.stats)
+                finally:
+                    done.set()
+
+            self._loop.call_soon_threadsafe(abort)
+            done.wait(10)
+        self.stop()
+
     def stop(self) -> None:
         if self._loop is not None and self._thread is not None and self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
@@ -659,7 +710,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Serve until SIGINT/SIGTERM; print the address as one JSON line once listening."""
+    """Serve until SIGINT/SIGTERM; print the address as one JSON line once listening.
+
+    SIGUSR1 crashes it on purpose (:func:`abort_server`): connections are reset, and one last JSON
+    line ``{"killed": true, "stats": ..., "completions": {fingerprint: count}}`` is printed."""
     args = _parse_args(argv)
     config = FaultConfig(
         latency=args.latency,
@@ -695,7 +749,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
+        killed = False
+
+        def crash() -> None:
+            nonlocal killed
+            abort_server(runner, stats)
+            killed = True
+            stop.set()
+
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            loop.add_signal_handler(signal.SIGUSR1, crash)
         await stop.wait()
+        if killed:
+            report = {"killed": True, "stats": stats.snapshot(), "completions": stats.completion_counts()}
+            print(json.dumps(report), flush=True)
         await runner.cleanup()
 
     asyncio.run(serve())

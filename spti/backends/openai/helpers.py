@@ -32,26 +32,43 @@ _POLICY_CODES = frozenset({"content_policy_violation", "content_filter", "modera
 _KEY_PATTERN = re.compile(r"\b(sk-[A-Za-z0-9_\-]{6,}|Bearer\s+\S+)")
 
 
+def split_base_urls(base_url: str | None = None) -> list[str]:
+    """The server roots named by ``base_url`` (else ``$OPENAI_BASE_URL``, else the OpenAI API),
+    split at commas (``http://gpu1:8000/v1,http://gpu2:8000/v1`` is a fleet of two), each
+    checked to be an http(s) URL and stripped of a trailing ``/``."""
+    text = base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL
+    urls = [part.strip().rstrip("/") for part in text.split(",")]
+    if not all(urls):
+        raise SptiError(f"base_url {text!r} has an empty entry; separate several endpoints with single commas")
+    for url in urls:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise SptiError(f"base_url {url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
+    return urls
+
+
 def resolve_base_url(base_url: str | None = None) -> str:
-    """``base_url``, else ``$OPENAI_BASE_URL``, else the OpenAI API; checked to be http(s)."""
-    url = (base_url or os.environ.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
+    """``base_url``, else ``$OPENAI_BASE_URL``, else the OpenAI API; checked to be http(s).
+
+    Several comma-separated URLs (a fleet) are each checked and come back joined by commas."""
+    return ",".join(split_base_urls(base_url))
+
+
+def _describe_one(url: str) -> str:
     parts = urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise SptiError(f"base_url {url!r} is not an http(s) URL such as http://127.0.0.1:8000/v1")
-    return url
-
-
-def describe_endpoint(base_url: str | None = None) -> str:
-    """The URL private data would be sent to (as :func:`resolve_base_url` picks it), without any
-    user:password part, for the "private images are sent to …" notice. Needs no network, no key
-    and not the ``openai`` package."""
-    parts = urlsplit(resolve_base_url(base_url))
     netloc = parts.hostname or ""
     if ":" in netloc:
         netloc = f"[{netloc}]"
     if parts.port:
         netloc += f":{parts.port}"
     return f"{parts.scheme}://{netloc}{parts.path}"
+
+
+def describe_endpoint(base_url: str | None = None) -> str:
+    """The URL private data would be sent to (as :func:`resolve_base_url` picks it), without any
+    user:password part, for the "private images are sent to …" notice; a fleet's URLs are joined
+    by ``", "``. Needs no network, no key and not the ``openai`` package."""
+    return ", ".join(_describe_one(url) for url in split_base_urls(base_url))
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:

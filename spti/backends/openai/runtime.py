@@ -10,7 +10,7 @@ import concurrent.futures
 import contextlib
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -126,10 +126,11 @@ class _LoopThread:
             self.loop.close()
 
 
-def _shutdown(loop_thread: _LoopThread, client: Any) -> None:
+def _shutdown(loop_thread: _LoopThread, clients: Sequence[Any]) -> None:
     if loop_thread.thread.is_alive():
-        with contextlib.suppress(BaseException):
-            _wait(loop_thread.submit(client.close()), timeout=5)
+        for client in clients:
+            with contextlib.suppress(BaseException):
+                _wait(loop_thread.submit(client.close()), timeout=5)
     loop_thread.stop()
 
 

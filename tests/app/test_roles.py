@@ -398,3 +398,25 @@ def test_hybrid_run_sends_each_role_to_its_own_server(tmp_path: Path, monkeypatc
         assert resumed.exit_code == 0, resumed.output
         assert captioner.stats.snapshot()["requests"] == cap["requests"]
         assert llm.stats.snapshot()["requests"] == gen["requests"]
+
+
+def test_the_documented_examples_resolve(tmp_path: Path) -> None:
+    """docs/openai.md's TOML example and README's command line mean what the docs say."""
+    import re
+    import shlex
+
+    doc = Path("docs/openai.md").read_text()
+    section = doc[doc.index("## One endpoint per role") :]
+    toml_block = re.search(r"```toml\n(.*?)```", section, re.S).group(1)
+    f = tmp_path / "doc.toml"
+    f.write_text(toml_block)
+    cfg = resolve_config(config_file=f)
+    assert cfg.model_spec("llm") == ModelSpec("llm", "openai", LLAMA, "http://gpu1:8000/v1", "VLLM_API_KEY")
+    assert cfg.model_spec("caption").api_key_env == "OPENAI_API_KEY"
+    readme = Path("README.md").read_text()
+    command = re.search(r"### Per-role models.*?```bash\n(.*?)```", readme, re.S).group(1).replace("\\\n", " ")
+    words = shlex.split(command)
+    flags = {words[i].removeprefix("--").replace("-", "_"): words[i + 1] for i in range(len(words) - 1)}
+    cfg = resolve_config(preset=flags["preset"], overrides={k: v for k, v in flags.items() if k.endswith("_model")})
+    assert str(cfg.model_spec("llm")) == f"openai:{LLAMA}@http://gpu1:8000/v1"
+    assert str(cfg.model_spec("image")) == "local:stabilityai/sdxl-turbo"

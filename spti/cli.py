@@ -169,11 +169,11 @@ ReleaseRenderOpt = Annotated[
 ReleaseModelOpt = Annotated[
     str | None,
     Opt(
-        help="[provider:]model[@URL] of the released images, e.g. SDXL-base while SDXL-Turbo votes (default: the same)."
+        help=r"\[provider:]model\[@URL] of the released images, e.g. SDXL-base while SDXL-Turbo votes (default: same)."
     ),
 ]
 # every model flag takes a role spec: [provider:]model[@base_url]; a bare name uses --provider / --base-url
-SPEC = "[provider:]model[@URL], e.g. openai:gpt-4o-mini or openai:MODEL@http://gpu1:8000/v1; bare: --provider"
+SPEC = r"\[provider:]model\[@URL], e.g. openai:gpt-4o-mini or openai:MODEL@http://gpu1:8000/v1; bare: --provider"
 ReleaseStepsOpt = Annotated[int | None, Opt(help="Denoising steps of the release model.", min=1)]
 ReleaseGuidanceOpt = Annotated[float | None, Opt(help="Guidance scale of the release model.")]
 # settings `spti render` may change besides RunDirectory.RENDER_CHANGES: they only decide the release's pixels

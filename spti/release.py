@@ -128,6 +128,9 @@ def privacy_statement(
         warnings.insert(0, "epsilon is infinite: this release is NOT differentially private")
     if result.delta > 1e-5 and private:
         warnings.append(f"delta={result.delta:.3g} is larger than 1e-5")
+    junk = _junk_in_release(result, cfg)
+    if junk:
+        warnings.append(f"{sum(junk.values())} released descriptions look like junk LLM answers ({junk})")
     fallbacks = sum(v for k, v in generation.items() if k.endswith("fallbacks"))
     if fallbacks:
         warnings.append(f"{fallbacks} LLM answers were unusable and replaced by public fallbacks")
@@ -181,11 +184,24 @@ def privacy_statement(
         "private_data_sent_to": run.private_data_endpoints(),
         "not_dp": NOT_DP,
         "generation_fallbacks": generation,
+        "junk_in_release": junk,
         "warnings": warnings,
         "captions_sha256": captions_sha256,
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+def _junk_in_release(result: PEResult[str], cfg: RunConfig) -> dict[str, int]:
+    """Released texts that the junk check would reject (blanks left, refusals, echoes…), by reason."""
+    from spti.text_evolution import junk_reason
+
+    counts: dict[str, int] = {}
+    for text in result.samples:
+        reason = junk_reason(text, min_words=max(1, cfg.min_words // 2))
+        if reason is not None:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
 
 
 def _candidates_per_round(result: PEResult[str]) -> int:

@@ -168,6 +168,8 @@ class FaultConfig:
     rate_empty: float = 0.0
     fixed_status: int | None = None
     fixed_message: str = "fixed failure injected by the loopback server"
+    fixed_code: str = "injected"
+    """The error ``code`` sent with ``fixed_status`` (e.g. ``insufficient_quota`` with 429)."""
     script: dict[str, list[str]] = field(default_factory=dict)
     api_key: str | None = None
     models: list[str] | None = None
@@ -325,7 +327,7 @@ class _Handlers:
         """Checks that apply before any answer: fixed status, API key, model name."""
         cfg = self.config
         if cfg.fixed_status is not None:
-            return _error(cfg.fixed_status, cfg.fixed_message, code="injected")
+            return _error(cfg.fixed_status, cfg.fixed_message, code=cfg.fixed_code)
         if cfg.api_key is not None:
             given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
             if given != cfg.api_key:

@@ -21,7 +21,7 @@ pytest.importorskip("aiohttp")
 from spti.backends.openai import Endpoint, OpenAIBackend, OpenAITextGenerator
 from spti.backends.openai.endpoints import parse_endpoints
 from spti.backends.openai_api import describe_endpoint
-from spti.errors import SptiError
+from spti.errors import BackendError, SptiError
 from spti.testing.openai_server import FaultConfig, LoopbackOpenAIServer, chat_reply
 
 KEY = "sk-fleet-test-0123456789"
@@ -137,6 +137,20 @@ def test_retry_after_on_one_endpoint_sends_traffic_to_the_others(fleet: list[Loo
     assert usage["by_endpoint"][describe_endpoint(limited.base_url)]["state"] == "cooling"
 
 
+def test_a_key_out_of_credit_is_taken_out_and_the_others_carry_on(fleet: list[LoopbackOpenAIServer]) -> None:
+    broke = fleet[0]
+    broke.config.fixed_status, broke.config.fixed_code = 429, "insufficient_quota"
+    with OpenAITextGenerator(base_url=f"{broke.base_url},{fleet[1].base_url}", max_concurrency=3, **options()) as gen:
+        assert gen.generate(chats(30)) == expected(30)
+        assert gen.usage()["by_endpoint"][describe_endpoint(broke.base_url)]["state"] == "disabled"
+    assert broke.stats.requests <= 3
+    with (
+        OpenAITextGenerator(base_url=broke.base_url, **options()) as gen,
+        pytest.raises(BackendError, match="out of credit"),
+    ):
+        gen.generate(chats(2))
+
+
 def test_a_down_endpoint_is_probed_again_and_comes_back(fleet: list[LoopbackOpenAIServer]) -> None:
     first, second = fleet[0], fleet[1]
     port = first.port
@@ -191,6 +205,10 @@ def test_per_endpoint_limits_and_keys(fleet: list[LoopbackOpenAIServer], monkeyp
     assert list(usage["by_endpoint"]) == [f"{url} [FLEET_KEY_A]", f"{url} [FLEET_KEY_B]", "big"]
     assert fleet[0].stats.max_in_flight <= 4 and fleet[1].stats.max_in_flight <= 6
     assert all(e["succeeded"] > 0 for e in usage["by_endpoint"].values())
+    # gpt-4o-mini is priced: the cost is split per endpoint and adds up to the total.
+    assert all(e["cost_usd"] > 0 for e in usage["by_endpoint"].values())
+    assert sum(e["cost_usd"] for e in usage["by_endpoint"].values()) == pytest.approx(usage["cost_usd"])
+    assert usage["by_endpoint"]["big"]["by_model"]["gpt-4o-mini"]["requests"] == usage["by_endpoint"]["big"]["requests"]
     assert KEY not in repr(endpoints) and KEY not in repr(usage)
 
 

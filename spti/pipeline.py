@@ -287,7 +287,10 @@ def _private_votes(
     images = manifest["images"]
     units = np.array([im["unit"] for im in images])
     cache = run.private / "image_features.npy"
-    if cache.exists() and np.load(cache, mmap_mode="r").shape[0] == len(images):
+    # the cache belongs to one extractor at one input size; other settings compute it again
+    spec_path = run.private / "image_features.json"
+    spec = {"image_embedder": cfg.image_embedder, "voting_size": cfg.voting_size, "rows": len(images)}
+    if cache.exists() and spec_path.exists() and json.loads(spec_path.read_text()) == spec:
         return PrivateVotes(np.load(cache, mmap_mode="r"), units)
     root = Path(manifest["root"])
     feats = []
@@ -299,6 +302,7 @@ def _private_votes(
             advance(len(batch))
     emb = np.concatenate(feats)
     atomic_save_npy(cache, emb)
+    atomic_write_json(spec_path, spec)
     return PrivateVotes(emb, units)
 
 

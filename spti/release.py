@@ -37,8 +37,9 @@ NOT_DP = {
         "results: NOT differentially private, owner-only, never share"
     ),
     "state/": (
-        "checkpoints: public candidates and their embeddings, the DP vote histograms, the DP unit count, "
-        "the ledger, stage bookkeeping; DP or public, but owner-only and not part of the release"
+        "checkpoints: public candidates and their embeddings, vote renders of public candidates and their "
+        "features, the DP vote histograms (full precision), the DP unit count and seeding release, the ledger, "
+        "stage bookkeeping, usage; DP or public, but owner-only and not part of the release"
     ),
     "console output": "a run's messages may name skipped private files and their problems",
 }

@@ -12,11 +12,19 @@ What it measures (one JSON line each, then a summary line):
    the whole batch: the server must have completed every request exactly once.
 5. ``ceiling``: requests/s at zero latency and at 100 ms (ours and bare), i.e. the CPU cost
    per request of client + server sharing this machine.
+6. ``fleet``: the same N requests against one endpoint and then against a fleet of three (each
+   server in its own process, each endpoint with concurrency C), one of them crashed on purpose
+   (SIGUSR1: connections reset, port closed) a third of the way through (at least 1.5 L, so it
+   answered a first wave): requests/s of both, and
+   from the servers' own counters that every request was answered exactly once overall
+   (bar: fleet ≥ 1.5 × one endpoint, 0 lost, 0 answered twice). For scale, one endpoint with
+   concurrency 3C (the client's cost of that many requests in flight, without routing).
 
 Usage::
 
     python benchmarks/bench_openai_throughput.py            # full: 640 requests, C=64, L=1 s
     python benchmarks/bench_openai_throughput.py --quick    # about 15 s
+    python benchmarks/bench_openai_throughput.py --only-fleet --out benchmarks/results/openai_throughput.jsonl
 
 Exit status 1 if a bar is missed.
 """
@@ -47,14 +55,24 @@ MODEL = "loopback-chat"
 MAX_TOKENS = 32
 
 
+def cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def machine() -> dict[str, Any]:
     import openai
 
     return {
+        "cpu_model": cpu_model(),
         "platform": platform.platform(),
         "machine": platform.machine(),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2),  # other work on the machine during the run
         "openai": openai.__version__,
     }
 
@@ -92,6 +110,25 @@ class Server:
 
     def stats(self) -> dict[str, Any]:
         return self._call("/_spti/stats")
+
+    def completions(self) -> dict[str, int]:
+        """Answers delivered per request fingerprint (after :meth:`crash`: the final count)."""
+        if self.final is not None:
+            return dict(self.final["completions"])
+        return self._call("/_spti/completions")
+
+    final: dict[str, Any] | None = None
+
+    def crash(self) -> None:
+        """SIGUSR1: the server resets its connections, closes its port, prints its counters, exits."""
+        self.proc.send_signal(signal.SIGUSR1)
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            if line.startswith("{") and '"killed"' in line:
+                self.final = json.loads(line)
+                break
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(10)
 
     def rss_mb(self) -> float | None:
         try:
@@ -322,6 +359,105 @@ def bench_ceiling(args: argparse.Namespace, results: list[dict[str, Any]]) -> No
             )
 
 
+def ideal_fleet_seconds(n: int, slots: int, latency: float, endpoints: int, kill_at: float) -> float:
+    """Finish time of n requests of exactly ``latency`` each on ``endpoints`` x ``slots`` slots with
+    no client cost, when one endpoint dies at ``kill_at`` and its requests in flight start over
+    on the others at once: the best any client could do."""
+    import heapq
+
+    free = [(0.0, e) for e in range(endpoints) for _ in range(slots)]  # (when the slot is free, endpoint)
+    ready = [0.0] * n  # when each request may start (a lost one: at the crash)
+    heapq.heapify(free)
+    finish = 0.0
+    while ready:
+        at, endpoint = heapq.heappop(free)
+        start = max(at, ready[0])
+        if endpoint == 0 and start + latency > kill_at:  # endpoint 0 dies at kill_at
+            if start < kill_at:
+                heapq.heapreplace(ready, kill_at)  # in flight at the crash: sent again
+            continue  # the slot is gone
+        heapq.heappop(ready)
+        finish = max(finish, start + latency)
+        heapq.heappush(free, (start + latency, endpoint))
+    return finish
+
+
+def bench_fleet(args: argparse.Namespace, results: list[dict[str, Any]]) -> None:
+    n, c, latency = args.requests, args.concurrency, args.latency
+    with contextlib.ExitStack() as stack:
+        servers = [stack.enter_context(server(latency)) for _ in range(3)]
+        for srv in servers:  # warm imports, SDK models and every server
+            srv.configure(latency=0.0)
+            run_ours(srv.base_url, conversations(f"warm-{srv.base_url}", c), c)
+            srv.configure(latency=latency)
+        single = run_ours(servers[0].base_url, conversations("single", n), c)
+        single_stats = servers[0].stats()
+        # One endpoint as wide as the whole fleet: the client's cost of 3C in flight, no routing.
+        servers[0].configure(latency=latency)
+        wide = run_ours(servers[0].base_url, conversations("wide", n), 3 * c)
+        wide_ideal = ideal_fleet_seconds(n, 3 * c, latency, 1, float("inf"))
+        for srv in servers:
+            srv.configure(latency=latency)
+
+        victim = servers[1]
+        fleet_ideal = n / (3 * c) * latency  # without the crash
+        kill_at = max(fleet_ideal / 3, 1.5 * latency)  # mid-wave, after it answered a first one
+        convs = conversations("fleet", n)
+        urls = ",".join(s.base_url for s in servers)
+        with OpenAITextGenerator(
+            MODEL, base_url=urls, api_key="sk-bench", max_concurrency=c, backoff_initial=0.05, backoff_max=0.5
+        ) as gen:
+            timer = threading.Timer(kill_at, victim.crash)
+            start = time.perf_counter()
+            timer.start()
+            out = gen.generate(convs, temperature=1.0, top_p=1.0, max_new_tokens=MAX_TOKENS)
+            fleet = time.perf_counter() - start
+            timer.join()
+            usage = gen.usage()
+        answered: dict[str, int] = {}
+        for srv in servers:
+            for fingerprint, count in srv.completions().items():
+                answered[fingerprint] = answered.get(fingerprint, 0) + count
+        lost = sum(1 for o in out if o is None)
+        twice = sum(1 for count in answered.values() if count > 1)
+        per_endpoint = {
+            label: {k: entry[k] for k in ("requests", "succeeded", "retries", "state", "times_down")}
+            for label, entry in usage["by_endpoint"].items()
+        }
+        ideal_with_crash = ideal_fleet_seconds(n, c, latency, 3, kill_at)
+        emit(
+            {
+                "measurement": "fleet",
+                "requests": n,
+                "concurrency_per_endpoint": c,
+                "latency_s": latency,
+                "single_seconds": round(single, 3),
+                "single_requests_per_s": round(n / single, 1),
+                "single_max_in_flight": single_stats["max_in_flight"],
+                "wide_single_concurrency": 3 * c,
+                "wide_single_seconds": round(wide, 3),
+                "wide_single_ratio_to_ideal": round(wide / wide_ideal, 3),
+                "fleet_endpoints": 3,
+                "killed_endpoint": victim.base_url,
+                "killed_at_s": round(kill_at, 3),
+                "fleet_seconds": round(fleet, 3),
+                "fleet_requests_per_s": round(n / fleet, 1),
+                "speedup": round(single / fleet, 3),
+                "fleet_ideal_with_crash_s": round(ideal_with_crash, 3),
+                "ratio_to_ideal": round(fleet / ideal_with_crash, 3),
+                "answered_requests": len(answered),
+                "lost": lost,
+                "answered_twice": twice,
+                "killed_server_answered": len(victim.final["completions"]) if victim.final else None,
+                "retries": usage["retries"],
+                "per_endpoint": per_endpoint,
+                "bar": "fleet >= 1.5 x single, 0 lost, 0 answered twice",
+                "pass": single / fleet >= 1.5 and lost == 0 and twice == 0 and len(answered) == n,
+            },
+            results,
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="192 requests, C=32, L=0.5 s, 500 for the ceiling")
@@ -330,13 +466,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", type=float, default=1.0)
     parser.add_argument("--ceiling-requests", type=int, default=2000)
     parser.add_argument("--skip-ceiling", action="store_true")
+    parser.add_argument("--skip-fleet", action="store_true")
+    parser.add_argument("--only-fleet", action="store_true", help="run the fleet measurement only")
+    parser.add_argument("--out", type=Path, default=None, help="append the JSON lines to this file")
     args = parser.parse_args(argv)
     if args.quick:
         args.requests, args.concurrency, args.latency, args.ceiling_requests = 192, 32, 0.5, 500
     results: list[dict[str, Any]] = []
-    bench_latency(args, results)
-    if not args.skip_ceiling:
-        bench_ceiling(args, results)
+    if not args.only_fleet:
+        bench_latency(args, results)
+        if not args.skip_ceiling:
+            bench_ceiling(args, results)
+    if not args.skip_fleet:
+        bench_fleet(args, results)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("a") as f:
+            for record in results:
+                f.write(json.dumps(record) + "\n")
     failed = [r["measurement"] for r in results if r.get("pass") is False]
     print(json.dumps({"bench": "openai_throughput", "summary": True, "failed": failed}), flush=True)
     return 1 if failed else 0

@@ -455,7 +455,7 @@ def evolve_stage(
         line = f"evolve: {per_round} candidates a round"
         if count is not None:
             line += f"; DP count of privacy units ≈ {count.value:.0f} (noise σ {count.noise_multiplier:.3g})"
-            expected = count.value / max(per_round, 1)
+            expected = max(count.value, 0.0) / max(per_round, 1)
             if plan.round_noise_multiplier > 0 and expected < plan.round_noise_multiplier:
                 reporter.warn(
                     f"a candidate expects about {expected:.3g} votes per round but the noise std is "

@@ -119,7 +119,7 @@ def privacy_statement(
                     f"{count.lower_bound():.0f} units; pass a smaller --delta for a stronger statement"
                 )
         if private and result.noise_multiplier > 0:
-            per_candidate = count.value / max(1, _candidates_per_round(result))
+            per_candidate = max(count.value, 0.0) / max(1, _candidates_per_round(result))
             if per_candidate < result.noise_multiplier:
                 warnings.append(
                     f"signal below noise: a candidate expects about {per_candidate:.3g} votes per round "

@@ -76,6 +76,11 @@ def cache_key(*, endpoint: str, model: str, request: Mapping[str, Any], item_key
     ``request`` is the body as sent (minus anything secret); ``bytes`` values are replaced by
     their hash so callers can describe images by their pixels rather than one PNG encoding.
     ``item_key`` names the sample, so identical prompts meant as different samples differ.
+
+    ``endpoint`` is the API path (``chat/completions``), never the server: the key names the
+    logical model and the request, not which replica answered, so one cache serves a whole fleet
+    of endpoints and a resumed run gets the same answers from whichever replica is up. Servers
+    that share a model name are taken to serve the same model.
     """
     document = {
         "v": _SCHEMA_VERSION,

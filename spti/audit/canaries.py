@@ -235,7 +235,7 @@ def run_canary_audit(
     clash = [rel for rel, _ in entries if rel.split("/")[0].startswith(CANARY_PREFIX)]
     if clash:
         raise SptiError(f"private image {clash[0]} uses the canary name prefix {CANARY_PREFIX!r}; rename it")
-    if cfg.provider == "openai":
+    if any(cfg.model_spec(role).provider == "openai" for role in ("caption", "text_embedding")):
         reporter.warn(
             "canary audit: the pipeline runs twice more; private images and canaries are sent again to the "
             "hosted provider, at the cost of two full runs"

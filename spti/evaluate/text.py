@@ -96,7 +96,7 @@ def text_embedder(run: RunDirectory, cfg: RunConfig, text_model: str | None, dev
         from spti.backends.local.text import SentenceTransformerEmbedder
 
         return SentenceTransformerEmbedder(_local(text_model), device=device), text_model
-    if cfg.provider != "local":
+    if cfg.model_spec("text_embedding").provider != "local":
         from spti.backends.local.text import SentenceTransformerEmbedder
 
         return SentenceTransformerEmbedder(_local(DEFAULT_TEXT_MODEL), device=device), (

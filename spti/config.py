@@ -630,6 +630,42 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
+# what a TOML value of each annotation may be: (description, check)
+_NUMBER = ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool))
+_INTEGER = ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
+_STRING = ("a string", lambda v: isinstance(v, str))
+_TYPE_CHECKS: dict[str, tuple[str, Any]] = {
+    "float": _NUMBER,
+    "int": _INTEGER,
+    "str": _STRING,
+    "int | str": ("an integer or a string", lambda v: _INTEGER[1](v) or isinstance(v, str)),
+    "list[float]": (
+        "a number or a list of numbers",
+        lambda v: _NUMBER[1](v) or (isinstance(v, list) and bool(v) and all(_NUMBER[1](x) for x in v)),
+    ),
+}
+# strings a numeric setting also takes
+_WORDS = {"epsilon": ("inf",), "delta": ("auto", "default")}
+
+
+def _check_type(key: str, value: Any, where: str) -> None:
+    """One line naming the file, the key and the type it expects, for a value of the wrong type."""
+    annotation = next((f.type for f in fields(RunConfig) if f.name == key), None)
+    if not isinstance(annotation, str) or key == "models":
+        return
+    optional = annotation.endswith(" | None")
+    description, check = _TYPE_CHECKS.get(annotation.removesuffix(" | None"), (None, None))
+    if check is None or check(value) or value in _WORDS.get(key, ()):
+        return
+    words = "".join(f" or {w!r}" for w in _WORDS.get(key, ()))
+    shown = _toml_value(value) if isinstance(value, bool | str | list) else repr(value)
+    kind = {bool: "a boolean", str: "a string", list: "a list", dict: "a table"}.get(type(value), type(value).__name__)
+    hint = ", or leave it out for the default" if optional else ""
+    if isinstance(value, str) and re.fullmatch(r"[+-]?\d+(\.\d*)?([eE][+-]?\d+)?", value.strip()):
+        hint += f"; write {key} = {value.strip()} without quotes"
+    raise SptiError(f"{where}: {key} must be {description}{words}, got {shown} ({kind}){hint}")
+
+
     except FileNotFoundError:
         raise SptiError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
@@ -654,6 +690,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         field_name = ROLE_FIELDS[role]
         if field_name in values:
             _, model, _ = parse_model_spec(values[field_name], where=f"config file {path}: {field_name}")
+    for key, value in values.items():
+        _check_type(key, value, f"config file {path}")
             if model != table["model"]:
                 raise SptiError(
                     f"config file {path}: {field_name} = {values[field_name]!r} and [models.{role}] model = "

@@ -178,6 +178,17 @@ ReleaseStepsOpt = Annotated[int | None, Opt(help="Denoising steps of the release
 ReleaseGuidanceOpt = Annotated[float | None, Opt(help="Guidance scale of the release model.")]
 # settings `spti render` may change besides RunDirectory.RENDER_CHANGES: they only decide the release's pixels
 RELEASE_CHANGES = frozenset({"release_render", "release_model", "release_steps", "release_guidance"})
+# where the models run, not what they compute: any resume may change them
+EXECUTOR_CHANGES = frozenset({"executor", "ray_address", "ray_workers"})
+ExecutorOpt = Annotated[
+    str | None, Opt(help="local (models in this process) | ray (on Ray actors, one per GPU; the [ray] extra).")
+]
+RayAddressOpt = Annotated[
+    str | None, Opt(help="--executor ray: address of an existing cluster (default: start a local instance).")
+]
+RayWorkersOpt = Annotated[
+    int | None, Opt(help="--executor ray: number of actors (default: one per GPU, else one per CPU).", min=1)
+]
 
 
 def _user_errors(fn):  # type: ignore[no-untyped-def]
@@ -224,7 +235,7 @@ def _open_run(output: Path, preset: str | None, config_file: Path | None, overri
         if not run.exists():
             raise SptiError(f"--resume: {run.root} holds no run to continue; drop --resume to start one")
         with run.lock():
-            yield run, run.reopen(overrides)
+            yield run, run.reopen(overrides, also_allowed=EXECUTOR_CHANGES)
         return
     cfg = resolve_config(preset=preset, config_file=config_file, overrides=overrides)
     run.check_creatable()
@@ -331,6 +342,9 @@ def synthesize(
     device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps.")] = None,
     batch_size: Annotated[int | None, Opt(help="Batch size of local models.", min=1)] = None,
     concurrency: Annotated[int | None, Opt(help="Hosted API requests in flight.", min=1)] = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     config: ConfigOpt = None,
     seed: Annotated[int | None, Opt(help="Seed of the public randomness (never of the DP noise).")] = None,
     resume: ResumeOpt = False,
@@ -377,6 +391,9 @@ def synthesize(
         device=device,
         batch_size=batch_size,
         concurrency=concurrency,
+        executor=executor,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
         seed=seed,
     )
     with _open_run(output, preset, config, overrides, resume) as (run, cfg):
@@ -398,6 +415,9 @@ def caption(
     domain: Annotated[str | None, Opt(help="Prompt set (its caption prompt is used).")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda.")] = None,
     batch_size: Annotated[int | None, Opt(min=1)] = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     config: ConfigOpt = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
@@ -415,6 +435,9 @@ def caption(
         domain=domain,
         device=device,
         batch_size=batch_size,
+        executor=executor,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
     )
     with _open_run(output, preset, config, overrides, resume) as (run, cfg):
         models = Models(cfg, run)
@@ -448,6 +471,9 @@ def evolve(
     max_private: Annotated[int | None, Opt(help="Vote with a random subset of at most N units.", min=3)] = None,
     units_bound: Annotated[int | None, Opt(help="Public upper bound B on the units: δ = 1/(B·ln B).", min=3)] = None,
     variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     config: ConfigOpt = None,
     seed: Annotated[int | None, Opt()] = None,
     resume: ResumeOpt = False,
@@ -474,6 +500,9 @@ def evolve(
         max_private=max_private,
         units_bound=units_bound,
         variation_folds=variation_folds,
+        executor=executor,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
         seed=seed,
     )
     if captions is not None:
@@ -503,7 +532,7 @@ def evolve(
 @contextmanager
 def _existing_run_config(run_dir: Path, overrides: dict, also_allowed: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
     with _existing_run(run_dir) as run:
-        yield run, run.reopen(overrides, also_allowed=also_allowed)
+        yield run, run.reopen(overrides, also_allowed=also_allowed | EXECUTOR_CHANGES)
 
 
 def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
@@ -556,6 +585,9 @@ def render(
     upscaler_model: Annotated[str | None, Opt()] = None,
     device: Annotated[str | None, Opt()] = None,
     batch_size: Annotated[int | None, Opt(min=1)] = None,
+    executor: ExecutorOpt = None,
+    ray_address: RayAddressOpt = None,
+    ray_workers: RayWorkersOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Stage 3 only: draw and upscale the released descriptions (post-processing: no privacy cost)."""
@@ -575,6 +607,9 @@ def render(
         upscaler_model=upscaler_model,
         device=device,
         batch_size=batch_size,
+        executor=executor,
+        ray_address=ray_address,
+        ray_workers=ray_workers,
     )
     with _existing_run_config(run_dir, post, RunDirectory.RENDER_CHANGES | RELEASE_CHANGES) as (run, cfg):
         models = Models(cfg, run)

@@ -224,6 +224,9 @@ class RunConfig:
     concurrency: int = 32
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
+    executor: str = "local"  # local: models in this process; ray: on Ray actors (one per GPU), see spti.executors
+    ray_address: str | None = None  # --executor ray: an existing cluster; None starts a local instance
+    ray_workers: int | None = None  # --executor ray: actors (None: one per GPU of the cluster, else per CPU)
     # role -> {"provider", and where given "base_url", "api_key_env"}; saved as [models.<role>] tables
     models: dict[str, dict[str, str]] = field(default_factory=dict)
 
@@ -344,6 +347,7 @@ class RunConfig:
             "provider": ("local", "openai"),
             "upscaler": ("none", "lanczos", "realesrgan", "sd-x4"),
             "release_render": ("voted", "rerender"),
+            "executor": ("local", "ray"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -378,6 +382,8 @@ class RunConfig:
             isinstance(self.vote_render_size, int) and self.vote_render_size >= 8
         ):
             raise bad(f"vote-render-size {self.vote_render_size!r}: use native or a side of at least 8 pixels")
+        if self.ray_workers is not None and self.ray_workers < 1:
+            raise bad(f"ray-workers must be >= 1, got {self.ray_workers}")
         if self.release_steps is not None and self.release_steps < 1:
             raise bad(f"release-steps must be >= 1, got {self.release_steps}")
         if self.release_model == "":

@@ -152,7 +152,7 @@ def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: P
                 f"(model {cfg.caption_model}); DP does not hide them from the provider"
             )
         prompt = _prompts(cfg).caption_prompt
-        batch = max(1, cfg.concurrency if hosted else cfg.batch_size)
+        batch = max(1, cfg.concurrency if hosted else _parallel_batch(models, cfg.batch_size))
         with (
             open_private_append(out_path) as fh,
             reporter.progress("caption", len(folder.images)) as advance,
@@ -206,6 +206,12 @@ def caption_stage(cfg: RunConfig, run: RunDirectory, models: Any, private_dir: P
     run.seal_private()
     run.record_private_endpoints("caption", _sent(models, "caption"))
     run.mark("caption")
+
+
+def _parallel_batch(models: Any, batch: int) -> int:
+    """Items to hand the models at once: ``batch``, or one batch per worker of a Ray executor."""
+    parallel = getattr(models, "parallel_batch", None)
+    return parallel(batch) if callable(parallel) else batch
 
 
 def _sent(models: Any, *roles: str) -> dict[str, str]:
@@ -294,7 +300,7 @@ def _private_votes(
         return PrivateVotes(np.load(cache, mmap_mode="r"), units)
     root = Path(manifest["root"])
     feats = []
-    step = max(cfg.batch_size, 16)
+    step = _parallel_batch(models, max(cfg.batch_size, 16))
     with reporter.progress("private image features", len(images)) as advance:
         for start in range(0, len(images), step):
             batch = [load_image(root / im["relpath"], size=cfg.voting_size) for im in images[start : start + step]]
@@ -437,7 +443,7 @@ def evolve_stage(
             guidance=cfg.guidance,
             seed=cfg.seed,
             num_seeds=cfg.vote_seeds,
-            batch_size=cfg.batch_size,
+            batch_size=_parallel_batch(models, cfg.batch_size),  # with Ray: one batch per worker at a time
             cache=FeatureCache(run.state / "vote_features.sqlite"),
             model=cfg.image_model,
             tag=cfg.image_embedder,
@@ -615,8 +621,9 @@ def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Repor
     redrawn = 0
     with reporter.progress("render", len(rows)) as advance:
         advance(len(rows) - len(todo))
-        for start in range(0, len(todo), cfg.batch_size):
-            idx = todo[start : start + cfg.batch_size]
+        step = _parallel_batch(models, cfg.batch_size) if todo else cfg.batch_size
+        for start in range(0, len(todo), step):
+            idx = todo[start : start + step]
             prompts = [rows[i]["text"] for i in idx]
             if plan.mode == "voted":
                 pngs, missing = _vote_renders(plan.spec, run.state / VOTE_RENDERS, prompts, models)

@@ -173,6 +173,37 @@ class Models:
         self.endpoints[role] = self.endpoint_of(role)
         return self.spec(role)
 
+    # -- the executor (--executor ray: local models run on Ray actors, see spti.executors) -----------
+    @cached_property
+    def executor(self) -> Any:
+        """Where local models of the captioner, image generators, upscaler and image embedder run."""
+        from spti.executors import make_executor
+
+        return make_executor(self.cfg)
+
+    @property
+    def remote(self) -> bool:
+        """Whether local models run on an executor's workers (through proxies) instead of in this process."""
+        return self.cfg.executor != "local"
+
+    def _proxy(self, role: str) -> Any:
+        """The stand-in of ``role``'s local model: batches go to the executor, whose workers build the
+        model from its spec; tiny models are built here first, once, for every worker to read."""
+        from spti.executors import RoleSpec
+        from spti.executors.base import TINY_KINDS
+        from spti.executors.proxies import proxy_for
+
+        tiny = self.spec(role).model == "tiny" and role in TINY_KINDS
+        tiny_dir = self._tiny(TINY_KINDS[role]).parent if tiny else None
+        if role in self.PRIVATE_ROLES:
+            self.endpoints[role] = self.executor.where
+        return proxy_for(self.executor, RoleSpec.of(role, self.cfg, tiny_dir))
+
+    def parallel_batch(self, batch: int) -> int:
+        """Items a pipeline loop hands over at once: ``batch``, times the workers of a remote executor
+        (the proxies cut it back into batches of the model's size, one per worker)."""
+        return batch * self.executor.workers if self.remote else batch
+
     # -- the models ------------------------------------------------------------------------
     @cached_property
     def captioner(self) -> Captioner:
@@ -181,6 +212,8 @@ class Models:
             from spti.backends.openai_api import OpenAICaptioner
 
             return OpenAICaptioner(spec.model, backend=self.backend_for(spec))
+        if self.remote:
+            return self._proxy("caption")
         from spti.backends.local.text import HFCaptioner
 
         model = self._tiny("vlm") if spec.model == "tiny" else spec.model
@@ -216,6 +249,8 @@ class Models:
             from spti.backends.openai_api import OpenAIImageGenerator
 
             return OpenAIImageGenerator(spec.model, backend=self.backend_for(spec))
+        if self.remote:
+            return self._proxy(spec.role)
         from spti.backends.local.images import DiffusersImageGenerator
 
         model = self._tiny("sd") if spec.model == "tiny" else spec.model
@@ -238,6 +273,8 @@ class Models:
     def image_embedder(self) -> ImageEmbedder:
         """Image features are always computed locally: private images never leave the machine here."""
         spec = self._private_role("image_features")
+        if self.remote:
+            return self._proxy("image_features")
         return build_image_embedder(spec.model, device=self.cfg.device, batch_size=self.cfg.batch_size)
 
     @cached_property
@@ -245,6 +282,8 @@ class Models:
         cfg = self.cfg
         if cfg.upscaler == "none" or cfg.upscale == 1:
             return None
+        if self.remote:
+            return self._proxy("upscaler")
         from spti.backends.local import upscale
 
         model = self.spec("upscaler").model if cfg.upscaler_model else None

@@ -191,6 +191,44 @@ RayWorkersOpt = Annotated[
 ]
 
 
+# cost: `spti plan`, and the gate before a run's first paid request
+DryRunOpt = Annotated[bool, Opt("--dry-run", help="Print the cost plan (requests, tokens, images, cost) and stop.")]
+MaxCostOpt = Annotated[
+    float | None, Opt("--max-cost", help="Refuse to start when the estimated cost (USD) is above this.", min=0.0)
+]
+YesOpt = Annotated[bool, Opt("--yes", "-y", help="Do not ask before the first paid request.")]
+PricesOpt = Annotated[Path | None, Opt("--prices", help="TOML price table over the shipped one (spti/prices.toml).")]
+
+
+def _cost_gate(  # type: ignore[no-untyped-def]
+    cfg, private: Path | None, *, max_cost, yes, dry_run, prices, num_private=None, as_json=False
+) -> None:
+    """The plan of a run: printed (--dry-run: then stop), checked against --max-cost, and on a
+    terminal confirmed before the first paid request (--yes skips)."""
+    from spti.plan_cost import check_cost, count_private, plan_run
+    from spti.plan_cost import prices as price_table
+
+    if private is not None:
+        images, units = count_private(private, cfg)
+    elif num_private is not None:
+        images, units = num_private, num_private
+    else:
+        raise SptiError("give a private folder, or --num-private N")
+    plan = plan_run(cfg, num_images=images, num_units=units, table=price_table(prices))
+    if dry_run:
+        typer.echo(json.dumps(plan.to_dict()) if as_json else "\n".join(plan.lines()))
+    check_cost(
+        plan,
+        max_cost=max_cost,
+        yes=yes or dry_run,
+        interactive=sys.stdin.isatty(),
+        echo=(lambda line: None) if dry_run else (lambda line: typer.echo(line, err=True)),
+        confirm=lambda text: typer.confirm(text, default=False, err=True),
+    )
+    if dry_run:
+        raise typer.Exit(0)
+
+
 def _user_errors(fn):  # type: ignore[no-untyped-def]
     """Run a command body; user errors become one line and exit code 2, Ctrl-C exit code 130."""
     import functools
@@ -349,8 +387,13 @@ def synthesize(
     seed: Annotated[int | None, Opt(help="Seed of the public randomness (never of the DP noise).")] = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
+    dry_run: DryRunOpt = False,
+    max_cost: MaxCostOpt = None,
+    yes: YesOpt = False,
+    prices: PricesOpt = None,
 ) -> None:
     """Private folder → DP descriptions → images: caption, evolve and render in one run directory."""
+    from spti.config import resolve_config
     from spti.pipeline import Reporter
     from spti.pipeline import synthesize as run_pipeline
 
@@ -396,7 +439,19 @@ def synthesize(
         ray_workers=ray_workers,
         seed=seed,
     )
-    with _open_run(output, preset, config, overrides, resume) as (run, cfg):
+    gate = {"max_cost": max_cost, "yes": yes, "dry_run": dry_run, "prices": prices}
+    if not resume:  # before anything is written: the settings exactly as the run resolves them
+        from spti.plan_check import check_plan
+
+        planned = resolve_config(preset=preset, config_file=config, overrides=overrides)
+        check_plan(planned, private, output)  # sizes, budget, output folder, devices, keys: before the cost plan
+        _cost_gate(planned, private, **gate)
+    elif dry_run:
+        raise SptiError("--dry-run plans a new run; for a resumed one run `spti plan` with its settings")
+    with _open_run(output, preset, config, overrides, resume, private=private) as (run, cfg):
+        if resume:
+            _cost_gate(cfg, private, **gate)
+        released_before = run.stage_done("evolve")
         summary = run_pipeline(cfg, private, run, Reporter(quiet=quiet))
     eps, dlt = summary.privacy.get("epsilon"), summary.privacy.get("delta")
     typer.echo(f"released {len(summary.images)} images to {run.release} (epsilon={eps}, delta={dlt:.3g})")
@@ -618,6 +673,89 @@ def render(
         finally:
             models.close()
     typer.echo(f"rendered {len(paths)} images in {run.release / 'images'}")
+
+
+@app.command(
+    epilog=(
+        "Examples:\n\n"
+        "  spti plan --preset openai --num-private 24\n\n"
+        "  spti plan photos/ --preset openai --iterations 3 --max-cost 5\n\n"
+        "  spti plan photos/ --config run.toml --prices my_prices.toml --json"
+    )
+)
+@_user_errors
+def plan(
+    private_dir: Annotated[
+        Path | None, typer.Argument(help="Private folder (its images are counted; nothing is read or sent).")
+    ] = None,
+    num_private: Annotated[
+        int | None, Opt("--num-private", "-N", help="Number of private images, when no folder is given.", min=1)
+    ] = None,
+    preset: PresetOpt = None,
+    config: ConfigOpt = None,
+    epsilon: EpsOpt = None,
+    num_samples: Annotated[int | None, Opt(help="Synthetic images to release.", min=1)] = None,
+    iterations: Annotated[int | None, Opt(help="PE rounds.", min=1)] = None,
+    voting: Annotated[str | None, Opt(help="text | image.")] = None,
+    provider: Annotated[str | None, Opt(help="local | openai (for models named bare).")] = None,
+    base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint (for openai models without @URL).")] = None,
+    caption_model: Annotated[str | None, Opt(help=f"Captioner: {SPEC}.")] = None,
+    llm_model: Annotated[str | None, Opt(help=f"Chat model: {SPEC}.")] = None,
+    embedding_model: Annotated[str | None, Opt(help=f"Text embedding model: {SPEC}.")] = None,
+    image_model: Annotated[str | None, Opt(help=f"Text-to-image model: {SPEC}.")] = None,
+    release_model: ReleaseModelOpt = None,
+    population_size: Annotated[int | None, Opt(help="Descriptions kept per round.", min=1)] = None,
+    population: Annotated[str | None, Opt(help="fixed | auto (planned with the count of files).")] = None,
+    variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
+    max_private: Annotated[int | None, Opt(help="Vote with at most this many privacy units.", min=3)] = None,
+    render_size: Annotated[int | None, Opt("--render-size", "--release-size", min=8)] = None,
+    vote_seeds: Annotated[int | None, Opt(help="Image voting: renders per candidate.", min=1)] = None,
+    privacy_unit: Annotated[str | None, Opt(help="image | folder.")] = None,
+    domain: Annotated[str | None, Opt(help="Prompt set.")] = None,
+    prices: PricesOpt = None,
+    max_cost: MaxCostOpt = None,
+    as_json: Annotated[bool, Opt("--json", help="Print the plan as one JSON object.")] = False,
+) -> None:
+    """Requests, tokens, images and estimated cost per model role of a run, before it runs.
+
+    Settings resolve exactly as `spti synthesize` resolves them (preset < --config < flags); every
+    other synthesize flag is planned with `spti synthesize ... --dry-run`. Writes nothing.
+    """
+    from spti.config import resolve_config
+
+    overrides = _overrides(
+        epsilon=epsilon,
+        num_samples=num_samples,
+        iterations=iterations,
+        voting=voting,
+        provider=provider,
+        base_url=base_url,
+        caption_model=caption_model,
+        llm_model=llm_model,
+        embedding_model=embedding_model,
+        image_model=image_model,
+        release_model=release_model,
+        population_size=population_size,
+        population=population,
+        variation_folds=variation_folds,
+        max_private=max_private,
+        render_size=render_size,
+        vote_seeds=vote_seeds,
+        privacy_unit=privacy_unit,
+        domain=domain,
+    )
+    cfg = resolve_config(preset=preset, config_file=config, overrides=overrides)
+    private = _check_private_dir(private_dir) if private_dir is not None else None
+    _cost_gate(
+        cfg,
+        private,
+        max_cost=max_cost,
+        yes=True,
+        dry_run=True,
+        prices=prices,
+        num_private=num_private,
+        as_json=as_json,
+    )
 
 
 def _register_optional_commands() -> None:

@@ -728,9 +728,36 @@ def synthesize(
             evolve_stage(cfg, run, models, reporter)
         images = render_stage(cfg, run, models, reporter)
         privacy = json.loads((run.release / "privacy.json").read_text())
-        usage = models.usage()
-        if usage:
-            reporter.info(f"hosted usage: {json.dumps(usage)}")
+        if _save_usage(cfg, run, models, reporter):
+            from spti.report import write_report
+
+            write_report(run, cfg)  # again, now with this process's usage in state/usage.json
+            run.share_release()
         return RunSummary(run.root, images, privacy)
     finally:
+        _save_usage(cfg, run, models, reporter, quiet=True)  # also when a stage failed or was interrupted
         models.close()
+
+
+def _save_usage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Reporter, *, quiet: bool = False) -> bool:
+    """This process's hosted usage and cost into ``state/usage.json`` (summed over every process of
+    the run; saving again replaces this process's entry). A failure to save never stops a run."""
+    try:
+        usage = models.usage()
+        if not usage:
+            return False
+        from spti.plan_cost import save_usage
+
+        saved = save_usage(run, cfg, usage)
+    except Exception as exc:  # the accounting must not lose a finished release
+        reporter.warn(f"could not save hosted usage to {run.state / 'usage.json'}: {exc}")
+        return False
+    if not quiet:
+        t = saved["total"]
+        cost = f"${t['cost_usd']:.2f}" + ("" if t["cost_known"] else " (a lower bound: some prices unknown)")
+        reporter.info(
+            f"hosted usage (this run, all processes): {t['requests']} requests, {t['images']} images, "
+            f"{t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} answer tokens, {cost} "
+            f"({run.state / 'usage.json'})"
+        )
+    return True

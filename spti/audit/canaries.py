@@ -240,6 +240,14 @@ def run_canary_audit(
             "canary audit: the pipeline runs twice more; private images and canaries are sent again to the "
             "hosted provider, at the cost of two full runs"
         )
+    if any(cfg.model_spec(role).provider == "openai" for role in ("caption", "llm", "text_embedding", "image")):
+        from spti.plan_cost import plan_run
+
+        control, planted = plan_run(cfg, num_images=len(entries)), plan_run(cfg, num_images=len(entries) + k)
+        reporter.warn(
+            f"the canary audit reruns the pipeline twice: about {control.requests + planted.requests} requests, "
+            f"~${control.cost_usd + planted.cost_usd:.2f}" + ("" if control.complete else " (a lower bound)")
+        )
 
     work = run.ensure_private() / "canary_audit"
     if work.exists():

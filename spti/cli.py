@@ -30,15 +30,23 @@ app = typer.Typer(
 )
 
 
-@app.callback()
-def _root(
-    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
-) -> None:
-    if version:
+def _print_version(value: bool) -> None:
+    """``spti --version``: eager, so it works without a command (a group needs one otherwise)."""
+    if value:
         from spti import __version__
 
         typer.echo(f"spti {__version__}")
         raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool,
+        typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
+    ] = False,
+) -> None:
+    del version  # handled by its eager callback
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -250,7 +258,7 @@ def _overrides(**flags: object) -> dict[str, object]:
     if "epsilon" in out:
         out["epsilon"] = _parse_epsilon(str(out["epsilon"]))
     if "delta" in out:
-        out["delta"] = None if out["delta"] in ("auto", "default") else float(str(out["delta"]))
+        out["delta"] = None if out["delta"] in ("auto", "default") else _parse_delta(str(out["delta"]))
         if out["delta"] is None:
             del out["delta"]
     if "strength" in out:
@@ -258,14 +266,35 @@ def _overrides(**flags: object) -> dict[str, object]:
     return out
 
 
+def _parse_delta(value: str) -> float:
+    try:
+        delta = float(value)
+    except ValueError:
+        raise SptiError(f"--delta {value!r} is not a number: give one in (0, 1) such as 1e-6, or 'auto'") from None
+    if not 0 < delta < 1:
+        raise SptiError(f"--delta {value}: must be in (0, 1), such as 1e-6, or 'auto'")
+    return delta
+
+
 @contextmanager
-def _open_run(output: Path, preset: str | None, config_file: Path | None, overrides: dict, resume: bool):  # type: ignore[no-untyped-def]
+def _open_run(  # type: ignore[no-untyped-def]
+    output: Path,
+    preset: str | None,
+    config_file: Path | None,
+    overrides: dict,
+    resume: bool,
+    *,
+    private: Path | None = None,
+    stages: tuple[str, ...] = ("caption", "evolve", "render"),
+):
     """The run directory and its config, held exclusively (:meth:`RunDirectory.lock`) until the block ends.
 
-    A new run directory is created by the lock holder only: settings and the folder are checked
-    first (writing nothing), then the empty folder is made, locked, and the run created in it.
+    A new run directory is created by the lock holder only: the whole plan (settings, sizes, budget,
+    the output folder, devices, keys: :func:`spti.plan_check.check_plan`) is checked first, writing
+    nothing, then the empty folder is made, locked, and the run created in it.
     """
     from spti.config import resolve_config
+    from spti.plan_check import check_plan
     from spti.rundir import RunDirectory
 
     run = RunDirectory(output)
@@ -273,13 +302,22 @@ def _open_run(output: Path, preset: str | None, config_file: Path | None, overri
         if not run.exists():
             raise SptiError(f"--resume: {run.root} holds no run to continue; drop --resume to start one")
         with run.lock():
-            yield run, run.reopen(overrides, also_allowed=EXECUTOR_CHANGES)
+            cfg = run.reopen(overrides, also_allowed=EXECUTOR_CHANGES)
+            check_plan(cfg, private, run.root, new_run=False, stages=stages)
+            yield run, cfg
         return
     cfg = resolve_config(preset=preset, config_file=config_file, overrides=overrides)
-    run.check_creatable()
-    run.root.mkdir(parents=True, exist_ok=True)
+    check_plan(cfg, private, run.root, stages=stages)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SptiError(f"cannot create {run.root} ({exc.strerror or exc}); choose another --output") from None
     with run.lock():
-        yield run, run.create(cfg)
+        try:
+            cfg = run.create(cfg)
+        except OSError as exc:
+            raise SptiError(f"cannot write the run in {run.root} ({exc.strerror or exc})") from None
+        yield run, cfg
 
 
 @contextmanager
@@ -454,7 +492,13 @@ def synthesize(
         released_before = run.stage_done("evolve")
         summary = run_pipeline(cfg, private, run, Reporter(quiet=quiet))
     eps, dlt = summary.privacy.get("epsilon"), summary.privacy.get("delta")
-    typer.echo(f"released {len(summary.images)} images to {run.release} (epsilon={eps}, delta={dlt:.3g})")
+    if released_before:  # the evolve stage printed them when it ran; say them again for this release
+        for warning in summary.privacy.get("warnings", []):
+            typer.echo(f"warning: {warning}", err=True)
+    line = f"released {len(summary.images)} images to {run.release} (epsilon={eps}, delta={dlt:.3g})"
+    if summary.privacy.get("differentially_private") is False or eps == "inf":
+        line += ": NOT differentially private (no noise); do not share it as private data"
+    typer.echo(line)
 
 
 @app.command()
@@ -494,7 +538,7 @@ def caption(
         ray_address=ray_address,
         ray_workers=ray_workers,
     )
-    with _open_run(output, preset, config, overrides, resume) as (run, cfg):
+    with _open_run(output, preset, config, overrides, resume, private=private, stages=("caption",)) as (run, cfg):
         models = Models(cfg, run)
         try:
             caption_stage(cfg, run, models, private, Reporter(quiet=quiet))
@@ -566,11 +610,11 @@ def evolve(
         if not captions.exists():
             raise SptiError(f"captions file {captions} does not exist")
         overrides["voting"] = "text"
-        session = _open_run(output, preset, config, overrides, resume)
+        session = _open_run(output, preset, config, overrides, resume, stages=("evolve", "render"))
     else:
         if run_dir is None:
             raise SptiError("give a RUN_DIR from `spti caption`, or --captions FILE --output RUN_DIR")
-        session = _existing_run_config(run_dir, overrides)
+        session = _existing_run_config(run_dir, overrides, stages=("evolve",))
     with session as (run, cfg):
         if captions is not None:
             _import_captions(captions, run)
@@ -585,9 +629,16 @@ def evolve(
 
 
 @contextmanager
-def _existing_run_config(run_dir: Path, overrides: dict, also_allowed: frozenset[str] = frozenset()):  # type: ignore[no-untyped-def]
+def _existing_run_config(  # type: ignore[no-untyped-def]
+    run_dir: Path, overrides: dict, also_allowed: frozenset[str] = frozenset(), *, stages: tuple[str, ...]
+):
+    """An existing run, its config with ``overrides``, and the plan of ``stages`` checked (devices, keys)."""
+    from spti.plan_check import check_plan
+
     with _existing_run(run_dir) as run:
-        yield run, run.reopen(overrides, also_allowed=also_allowed | EXECUTOR_CHANGES)
+        cfg = run.reopen(overrides, also_allowed=also_allowed | EXECUTOR_CHANGES)
+        check_plan(cfg, None, run.root, new_run=False, stages=stages)
+        yield run, cfg
 
 
 def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
@@ -666,7 +717,10 @@ def render(
         ray_address=ray_address,
         ray_workers=ray_workers,
     )
-    with _existing_run_config(run_dir, post, RunDirectory.RENDER_CHANGES | RELEASE_CHANGES) as (run, cfg):
+    with _existing_run_config(run_dir, post, RunDirectory.RENDER_CHANGES | RELEASE_CHANGES, stages=("render",)) as (
+        run,
+        cfg,
+    ):
         models = Models(cfg, run)
         try:
             paths = render_stage(cfg, run, models, Reporter(quiet=quiet))

@@ -731,7 +731,7 @@ def synthesize(
         if _save_usage(cfg, run, models, reporter):
             from spti.report import write_report
 
-            write_report(run, cfg)  # again, now with this process's usage in state/usage.json
+            write_report(run, cfg)  # again, now with this process's usage in private/usage.json
             run.share_release()
         return RunSummary(run.root, images, privacy)
     finally:
@@ -740,7 +740,7 @@ def synthesize(
 
 
 def _save_usage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Reporter, *, quiet: bool = False) -> bool:
-    """This process's hosted usage and cost into ``state/usage.json`` (summed over every process of
+    """This process's hosted usage and cost into ``private/usage.json`` (summed over every process of
     the run; saving again replaces this process's entry). A failure to save never stops a run."""
     try:
         usage = models.usage()
@@ -750,7 +750,7 @@ def _save_usage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Report
 
         saved = save_usage(run, cfg, usage)
     except Exception as exc:  # the accounting must not lose a finished release
-        reporter.warn(f"could not save hosted usage to {run.state / 'usage.json'}: {exc}")
+        reporter.warn(f"could not save hosted usage to {run.private / 'usage.json'}: {exc}")
         return False
     if not quiet:
         t = saved["total"]
@@ -758,6 +758,6 @@ def _save_usage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Report
         reporter.info(
             f"hosted usage (this run, all processes): {t['requests']} requests, {t['images']} images, "
             f"{t['prompt_tokens']:,} prompt + {t['completion_tokens']:,} answer tokens, {cost} "
-            f"({run.state / 'usage.json'})"
+            f"({run.private / 'usage.json'})"
         )
     return True

@@ -6,7 +6,8 @@ API's first population, ``variation_folds`` variations of each kept description 
 embedding requests in the batches the embedder sends, an image per vote candidate and seed, the
 final renders), estimates their tokens, and prices them from a dated table
 (``spti/prices.toml``, or ``--prices FILE``). :func:`save_usage` keeps what a run really used in
-``RUN_DIR/state/usage.json``, summed over every process of the run (resumes included).
+``RUN_DIR/private/usage.json``, summed over every process of the run (resumes included). It lives under
+``private/`` because the usage of the roles that read private data (one caption per private image) counts them.
 """
 
 from __future__ import annotations
@@ -371,7 +372,7 @@ def check_cost(
 
 
 # --------------------------------------------------------------------------------------------
-# What a run really used: RUN_DIR/state/usage.json
+# What a run really used: RUN_DIR/private/usage.json (owner-only: caption counts reveal N)
 # --------------------------------------------------------------------------------------------
 def _process_id() -> str:
     global _PROCESS_ID
@@ -441,13 +442,13 @@ def _sum(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def save_usage(run: Any, cfg: RunConfig, usage: dict[str, Any], table: PriceTable | None = None) -> dict[str, Any]:
-    """Write ``RUN_DIR/state/usage.json``: this process's usage (replacing what it saved before, so
+    """Write ``RUN_DIR/private/usage.json``: this process's usage (replacing what it saved before, so
     saving twice counts once) beside every earlier process's, and the sums. Returns the file's object."""
     from private_evolution.files import atomic_write_json
     from spti.backends.openai.usage import load_price_table as _load
 
     table = table or _load()
-    path = Path(run.state) / USAGE_FILE
+    path = Path(run.private) / USAGE_FILE
     data: dict[str, Any] = {}
     if path.exists():
         import json

@@ -2,9 +2,10 @@
 
 The report puts the privacy statement first (what is guaranteed, at which ε and δ, for which
 unit, by which releases), then the warnings that matter to a reviewer, then what it cost, the
-settings, and the images with their descriptions. It reads ``release/``, the run's config and the
-public bookkeeping in ``state/`` (usage, render record) — never ``private/`` — and is written
-again by every stage that changes ``release/``, so it always matches what is on disk.
+settings, and the images with their descriptions. It reads ``release/``, the run's config, the
+public bookkeeping in ``state/`` (render record) and, from ``private/usage.json``, only the usage
+of roles that never see private data; it is written again by every stage that changes
+``release/``, so it always matches what is on disk.
 """
 
 from __future__ import annotations
@@ -195,14 +196,28 @@ def _warnings(privacy: dict[str, Any], render: dict[str, Any]) -> list[str]:
     return out
 
 
+# Roles that only ever see public data (prompts, DP-selected descriptions): their usage is public.
+PUBLIC_ROLES = frozenset({"llm", "image", "release_image", "upscaler"})
+
+
 def _usage_section(usage: dict[str, Any]) -> str:
-    if not usage:
+    """Requests and cost of the roles that see only public data. The usage of the roles that read
+    private data (one caption request per private image, embeddings of private captions) counts
+    the private items, so it stays in ``private/usage.json`` and is not shown in the release."""
+    by_role = usage.get("by_role") or {}
+    public = {name: entry for name, entry in by_role.items() if set(name.split("+")) <= PUBLIC_ROLES}
+    if not by_role:
         return ""
-    total = usage.get("total", usage)
-    items = [(k, v) for k, v in total.items() if not isinstance(v, dict | list)]
-    by_endpoint = usage.get("by_endpoint") or {}
-    rows = _rows(items) + _rows((f"endpoint {name}", info) for name, info in by_endpoint.items())
-    return f"<h2>Hosted usage and cost</h2><table>{rows}</table>"
+    keys = ("model", "endpoint", "requests", "images", "prompt_tokens", "completion_tokens", "cost_usd", "cost_known")
+    rows = _rows((name, "; ".join(f"{k} {_fmt(e.get(k))}" for k in keys)) for name, e in public.items())
+    withheld = sorted(set(by_role) - set(public))
+    note = (
+        f"<p>Usage of {', '.join(withheld)} is not shown: it counts the private items. It is in "
+        "private/usage.json for the data owner.</p>"
+        if withheld
+        else ""
+    )
+    return f"<h2>Hosted usage and cost (public roles)</h2><table>{rows}</table>{note}"
 
 
 def write_report(run: RunDirectory, cfg: RunConfig, *, extra_sections: Sequence[str] = ()) -> Path:
@@ -210,7 +225,8 @@ def write_report(run: RunDirectory, cfg: RunConfig, *, extra_sections: Sequence[
     privacy = _read_json(release / "privacy.json")
     captions = read_jsonl(release / "captions.jsonl") if (release / "captions.jsonl").exists() else []
     render = _read_json(run.state / "render.json")
-    usage = _read_json(run.state / "usage.json")
+    # Only its public roles are shown (see _usage_section): nothing else of private/ is read.
+    usage = _read_json(run.private / "usage.json")
     box, statement = _statement(privacy, len(captions))
     warnings = _warnings(privacy, render)
     warning_html = (

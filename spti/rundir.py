@@ -16,6 +16,7 @@ import errno
 import fcntl
 import json
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
@@ -152,6 +153,23 @@ class RunDirectory:
             raise SptiError(f"{self.root} is a file; choose a new --output folder")
         if not self.is_empty():
             raise SptiError(f"{self.root} exists and is not an spti run directory; choose a new --output")
+        self._check_writable()
+
+    def _check_writable(self) -> None:
+        """The folder to create the run in (the output itself, or its nearest existing parent) takes
+        new files: a read-only folder or file system, or an immutable folder, is refused in one line."""
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        if not folder.is_dir():
+            raise SptiError(f"{folder} is a file, so {self.root} cannot be made; choose another --output")
+        fix = "choose an --output folder you can write to"
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise SptiError(f"cannot write to {folder} (permission denied); {fix}")
+        try:  # root passes os.access everywhere; a read-only mount or an immutable folder shows here
+            os.rmdir(tempfile.mkdtemp(prefix=".spti-write-check-", dir=folder))
+        except OSError as exc:
+            raise SptiError(f"cannot write to {folder} ({exc.strerror or exc}); {fix}") from None
 
     def create(self, config: RunConfig) -> RunConfig:
         """Create a new run directory for ``config``; refuses an existing run or a foreign folder."""

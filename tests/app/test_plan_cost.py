@@ -1,4 +1,4 @@
-"""The cost plan (`spti plan`, `--dry-run`, `--max-cost`), image pricing and RUN_DIR/state/usage.json."""
+"""The cost plan (`spti plan`, `--dry-run`, `--max-cost`), image pricing and RUN_DIR/private/usage.json."""
 
 from __future__ import annotations
 
@@ -103,7 +103,7 @@ def test_planned_requests_match_what_the_loopback_server_receives(
     private_folder: Path, tmp_path: Path, monkeypatch
 ) -> None:
     """A tiny openai-preset run against the loopback server: the plan's requests per endpoint are
-    exactly what the server received; the tokens roughly; state/usage.json holds the same counts."""
+    exactly what the server received; the tokens roughly; private/usage.json holds the same counts."""
     from spti.testing.openai_server import FaultConfig, LoopbackOpenAIServer
 
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-not-a-real-key")
@@ -117,7 +117,8 @@ def test_planned_requests_match_what_the_loopback_server_receives(
         result = runner.invoke(app, ["synthesize", str(private_folder), "-o", str(out), "--quiet", *args])
         assert result.exit_code == 0, result.output
         served = server.stats.snapshot()["by_endpoint"]
-    usage = json.loads((out / "state" / "usage.json").read_text())
+    usage = json.loads((out / "private" / "usage.json").read_text())
+    assert "caption" not in (out / "release" / "report.html").read_text().split("Hosted usage")[-1].split("</table>")[0]
     llm_stats = [json.loads(line) for line in (out / "state" / "llm_stats.jsonl").read_text().splitlines()]
     regenerated = sum(row.get("regenerated", 0) for row in llm_stats)
     chat = plan["caption"]["requests"] + plan["llm"]["requests"]

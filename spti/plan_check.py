@@ -20,6 +20,25 @@ if TYPE_CHECKING:
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"  # the key variable of openai roles that name none
 
 
+def check_models(cfg: RunConfig) -> list[str]:
+    """The models the run needs that this machine does not have, each with the command that fetches it.
+
+    A weights file (FID Inception, Real-ESRGAN) that is not on disk is always a problem; a Hugging
+    Face model that is not in the cache only offline (``HF_HUB_OFFLINE``, or the hub's host does not
+    answer within 3 s: then the process is switched to offline mode so cached models load without
+    retries). Hosted roles need nothing downloaded (their key variables are another check). No
+    network call beyond that one reachability probe; see :mod:`spti.models_check`.
+    """
+    from spti.models_check import check_models as _check
+    from spti.models_check import use_offline_mode
+
+    problems = _check(cfg, offline=False)  # files: always
+    statuses_need_hub = _check(cfg, offline=True)
+    if len(statuses_need_hub) > len(problems) and use_offline_mode():
+        return statuses_need_hub
+    return problems
+
+
 # --------------------------------------------------------------------------------------------
 # The whole plan, before any work and before the run folder is made
 # --------------------------------------------------------------------------------------------

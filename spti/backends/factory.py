@@ -56,12 +56,14 @@ class Models:
         from spti.rundir import RunDirectory
 
         self.cfg = config
+        self.run: RunDirectory | None = run if isinstance(run, RunDirectory) else None
         if isinstance(run, RunDirectory):
             self.state_dir = run.state
             self.private_dir: Path | None = run.private
         else:
             self.state_dir = Path(run)
             self.private_dir = None
+        self._checked = False
         self.endpoints: dict[str, str] = {}
         self._backends: dict[tuple[str, str], Any] = {}
         self._cache: Any = None
@@ -84,6 +86,9 @@ class Models:
         }
         import torch
 
+        from spti.backends.local._common import quiet_libraries
+
+        quiet_libraries()  # building them writes shards and loads weights: no bars for that
         # Tiny models are many small ops: a second thread only waits on the first, and on a busy
         # 2-core machine it made the smoke run several times slower.
         torch.set_num_threads(1)
@@ -95,6 +100,32 @@ class Models:
             builders[kind](path)
             (path / ".complete").write_text("ok")
         return path
+
+    def check_available(self) -> None:
+        """Before the first local model of a run loads: every model the rest of the run needs, at once.
+
+        Offline (``HF_HUB_OFFLINE``, or the hub's host does not answer), a hub model that is not in
+        the cache, or a weights file that is not on disk, stops the run here with one error naming
+        every missing model and the command that fetches it; the hub client is then put in offline
+        mode for the process, so cached models load without retries. Online, uncached models are
+        downloaded as they load. Checked once, only for a run directory (finished stages need
+        nothing), so an evaluation that borrows one role is not stopped by another role's model.
+        """
+        if self._checked:
+            return
+        self._checked = True
+        from spti import models_check
+
+        if self.run is None:
+            return
+        done = [s for s in ("caption", "evolve") if self.run.stage_done(s)]
+        statuses = models_check.model_statuses(self.cfg, done)
+        offline = any(s.repo_id for s in statuses) and models_check.use_offline_mode()
+        missing = [s for s in statuses if s.missing and (offline or not s.repo_id)]
+        if missing:
+            from spti.errors import ModelNotFoundError
+
+            raise ModelNotFoundError(models_check.missing_models_message(missing, offline=offline, resume_hint=True))
 
     def _local_kwargs(self) -> dict[str, Any]:
         return {"device": self.cfg.device, "dtype": self.cfg.dtype, "batch_size": self.cfg.batch_size}
@@ -214,6 +245,7 @@ class Models:
             return OpenAICaptioner(spec.model, backend=self.backend_for(spec))
         if self.remote:
             return self._proxy("caption")
+        self.check_available()
         from spti.backends.local.text import HFCaptioner
 
         model = self._tiny("vlm") if spec.model == "tiny" else spec.model
@@ -227,6 +259,7 @@ class Models:
             from spti.backends.openai_api import OpenAITextGenerator
 
             return OpenAITextGenerator(spec.model, backend=self.backend_for(spec))
+        self.check_available()
         from spti.backends.local.text import HFTextGenerator
 
         model = self._tiny("lm") if spec.model == "tiny" else spec.model
@@ -239,6 +272,7 @@ class Models:
             from spti.backends.openai_api import OpenAITextEmbedder
 
             return OpenAITextEmbedder(spec.model, backend=self.backend_for(spec))
+        self.check_available()
         from spti.backends.local.text import SentenceTransformerEmbedder
 
         model = self._tiny("sentence") if spec.model == "tiny" else spec.model
@@ -251,6 +285,7 @@ class Models:
             return OpenAIImageGenerator(spec.model, backend=self.backend_for(spec))
         if self.remote:
             return self._proxy(spec.role)
+        self.check_available()
         from spti.backends.local.images import DiffusersImageGenerator
 
         model = self._tiny("sd") if spec.model == "tiny" else spec.model
@@ -275,6 +310,7 @@ class Models:
         spec = self._private_role("image_features")
         if self.remote:
             return self._proxy("image_features")
+        self.check_available()
         return build_image_embedder(spec.model, device=self.cfg.device, batch_size=self.cfg.batch_size)
 
     @cached_property
@@ -284,6 +320,8 @@ class Models:
             return None
         if self.remote:
             return self._proxy("upscaler")
+        if cfg.upscaler != "lanczos":
+            self.check_available()
         from spti.backends.local import upscale
 
         model = self.spec("upscaler").model if cfg.upscaler_model else None

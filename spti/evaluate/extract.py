@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +20,7 @@ from spti.evaluate.common import (
     Progress,
 )
 from spti.evaluate.inputs import ImageSet
-
-OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+from spti.models_check import hub_offline_env, hub_reachable, resolve_hub_model
 
 if TYPE_CHECKING:
     from PIL.Image import Image
@@ -60,68 +58,15 @@ def inception_reason(weights: str | Path | None) -> str | None:
 
 
 # --------------------------------------------------------------------------------------------
-# Models from the Hugging Face cache, without minutes of retries offline
+# Models from the Hugging Face cache, without minutes of retries offline (spti.models_check)
 # --------------------------------------------------------------------------------------------
-def _offline_env() -> bool:
-    import os
-
-    try:
-        from huggingface_hub import constants
-
-        if constants.HF_HUB_OFFLINE:
-            return True
-    except ImportError:
-        pass
-    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
-
-
-@functools.cache
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One TCP connection to the hub's host (cached for the process). With a proxy configured a
-    direct connection proves nothing, so the hub is assumed reachable and the normal load decides."""
-    import os
-    import socket
-    from urllib.parse import urlparse
-
-    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    try:
-        from huggingface_hub import constants
-
-        endpoint = urlparse(constants.ENDPOINT)
-    except ImportError:
-        return True
-    try:
-        with socket.create_connection((endpoint.hostname or "huggingface.co", endpoint.port or 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
+_offline_env = hub_offline_env
+_hub_reachable = hub_reachable
 
 
 def resolve_model(model: str, what: str, option: str) -> tuple[str | None, str | None]:
-    """``(what to load, None)``, or ``(None, why it is skipped)`` for a model id that cannot load here.
-
-    A local folder is used as it is. A hub id already in the Hugging Face cache becomes its cached
-    snapshot folder, so loading it touches no network. An id that is not cached is skipped at once
-    when offline (``HF_HUB_OFFLINE``/``TRANSFORMERS_OFFLINE``, or the hub's host does not answer
-    within 3 s) instead of letting the hub client retry for a minute; online it is downloaded.
-    """
-    if model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().exists():
-        return model, None
-    try:
-        from huggingface_hub import snapshot_download
-    except ImportError:
-        return model, None
-    try:
-        return snapshot_download(model, local_files_only=True), None
-    except Exception:  # not cached (LocalEntryNotFoundError), or a malformed id: decided below
-        pass
-    hint = f"download it (huggingface-cli download {model}) or pass {option} PATH"
-    if _offline_env():
-        return None, f"{what} '{model}' is not in the Hugging Face cache and HF_HUB_OFFLINE is set: {hint}"
-    if not _hub_reachable():
-        return None, f"{what} '{model}' is not in the Hugging Face cache and the hub is unreachable: {hint}"
-    return model, None
+    """``(what to load, None)``, or ``(None, why it is skipped)``: see :func:`spti.models_check.resolve_hub_model`."""
+    return resolve_hub_model(model, what, option)
 
 
 def load_extractors(

@@ -90,7 +90,7 @@ def model_not_found(model: str, what: str, exc: BaseException | None = None) -> 
     hint = (
         f"cannot load {what} '{model}': it is not a local directory and is not in the Hugging Face cache "
         f"({os.environ.get('HF_HOME', '~/.cache/huggingface')}), and the hub is unreachable. "
-        "Download it on a connected machine (huggingface-cli download MODEL) and point HF_HOME at that "
+        f"Download it on a connected machine (`hf download {model}`) and point HF_HOME at that "
         "cache, or pass a local directory saved with save_pretrained. Offline, set HF_HUB_OFFLINE=1 to skip "
         "the network retries."
     )
@@ -99,9 +99,67 @@ def model_not_found(model: str, what: str, exc: BaseException | None = None) -> 
     return ModelNotFoundError(hint)
 
 
+VERBOSE_ENV = "SPTI_VERBOSE"  # set by ``spti --verbose``: library logs and loading bars are shown again
+
+
+def verbose_libraries() -> bool:
+    """Whether the user asked to see the model libraries' own logs (``spti --verbose``, ``SPTI_VERBOSE=1``)."""
+    return os.environ.get(VERBOSE_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def quiet_libraries() -> None:
+    """Silence transformers / diffusers chatter for the rest of the process, unless :func:`verbose_libraries`.
+
+    Their logs drop to errors (no "Token indices sequence length is longer…", "the current text
+    generation call has exceeded the model's predefined maximum length", CLIP truncation notices,
+    "Loading weights" / "Writing model shards" bars), and their deprecation FutureWarnings are hidden.
+    Hub download bars stay as they were (transformers' switch would turn them off too), so a download
+    still shows its progress. spti's own warnings go through its reporter and are never touched.
+    Idempotent and cheap; called where spti loads a local model.
+    """
+    if verbose_libraries():
+        return
+    import importlib
+    import warnings
+
+    hub_bars_off: bool | None = None
+    try:
+        from huggingface_hub.utils import are_progress_bars_disabled
+
+        hub_bars_off = are_progress_bars_disabled()
+    except ImportError:
+        pass
+    for name in ("transformers.utils.logging", "diffusers.utils.logging"):
+        try:
+            lib = importlib.import_module(name)
+        except ImportError:
+            continue
+        lib.set_verbosity_error()
+        lib.disable_progress_bar()
+    if hub_bars_off is False:
+        from huggingface_hub.utils import enable_progress_bars
+
+        enable_progress_bars()
+    for module in ("diffusers", "transformers", "sentence_transformers"):
+        warnings.filterwarnings("ignore", category=FutureWarning, module=rf"{module}(\.|$)")
+    # diffusers' deprecate() points its FutureWarning at the caller (stacklevel): match its wording too
+    warnings.filterwarnings("ignore", message=r".*(is|are) deprecated and will be removed", category=FutureWarning)
+
+
 def load_pretrained(load: Callable[..., T], model: str | os.PathLike[str], what: str, **kwargs: Any) -> T:
-    """Call ``load(model, **kwargs)`` (a ``from_pretrained``) and turn 'not found' into one clear error."""
+    """Call ``load(model, **kwargs)`` (a ``from_pretrained``) and turn 'not found' into one clear error.
+
+    When the Hugging Face hub cannot be used (offline mode, or its host does not answer), the hub
+    client's offline mode is switched on first (:func:`spti.models_check.use_offline_mode`): a cached
+    model then loads without a network call and a missing one fails at once, never after minutes of
+    retries. The libraries' loading chatter is silenced (:func:`quiet_libraries`).
+    """
+    from spti.models_check import use_offline_mode
+
     model = str(model)
+    quiet_libraries()
+    if not Path(model).expanduser().exists():
+        use_offline_mode()
     if model.startswith(("/", "./", "../", "~")) and not Path(model).expanduser().exists():
         raise ModelNotFoundError(
             f"{what} path '{model}' does not exist; pass a directory saved with save_pretrained "

@@ -45,8 +45,17 @@ def _root(
         bool,
         typer.Option("--version", help="Print the version and exit.", is_eager=True, callback=_print_version),
     ] = False,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show the model libraries' own logs and loading bars (hidden by default).")
+    ] = False,
 ) -> None:
     del version  # handled by its eager callback
+    if verbose:
+        import os
+
+        from spti.backends.local._common import VERBOSE_ENV
+
+        os.environ[VERBOSE_ENV] = "1"
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -816,9 +825,11 @@ def _register_optional_commands() -> None:
     """Commands that live in their own modules (their heavy imports stay inside the commands)."""
     from spti.cli_audit import register as register_audit
     from spti.cli_evaluate import register as register_evaluate
+    from spti.cli_models import register as register_models
 
     register_evaluate(app)
     register_audit(app)
+    register_models(app)
 
 
 _register_optional_commands()

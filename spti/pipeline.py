@@ -646,6 +646,16 @@ def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Repor
             f"{redrawn} vote renders were missing and were drawn again with their vote seeds "
             "(the same image, up to floating-point differences between runs)"
         )
+    # released descriptions longer than the text encoder reads (77 CLIP tokens): drawn cut at a word
+    # boundary; counted by the generator that drew them when it is loaded (None: not counted)
+    drew = vars(models).get("release_image_generator" if plan.mode == "rerender" else "image_generator")
+    count = getattr(drew, "count_truncated", None)
+    truncated = count([row["text"] for row in rows]) if callable(count) else None
+    atomic_write_json(
+        render_record, {"captions_sha256": captions_sha, "settings": settings, "truncated_prompts": truncated}
+    )
+    if truncated:
+        reporter.info(f"render: {truncated} of {len(rows)} descriptions were cut to the text encoder's token limit")
     from spti.report import write_contact_sheet, write_report
 
     write_contact_sheet(paths, run.release / "contact_sheet.png")

@@ -182,6 +182,7 @@ class DiffusersImageGenerator:
             denoiser.compile()
         self.pipe = pipe
         self._img2img: Any = None
+        self.truncated_prompts = 0  # prompts cut to the text encoder's token limit, over every call
         default_steps, default_guidance = family_defaults(self.model, type(pipe).__name__)
         self.steps = steps if steps is not None else default_steps
         self.guidance = guidance if guidance is not None else default_guidance
@@ -194,6 +195,67 @@ class DiffusersImageGenerator:
         SPTI authors render vote candidates at (they call the pipeline without a size).
         """
         return pipeline_native_size(self.pipe)
+
+    def _tokenizers(self) -> list[Any]:
+        """The pipeline's CLIP tokenizers (SDXL has two); T5-style encoders with long limits are left alone."""
+        out = []
+        for name in ("tokenizer", "tokenizer_2"):
+            tok = getattr(self.pipe, name, None)
+            limit = getattr(tok, "model_max_length", None)
+            if tok is not None and isinstance(limit, int) and 0 < limit <= 1024:
+                out.append(tok)
+        return out
+
+    @property
+    def prompt_token_limit(self) -> int | None:
+        """Tokens the text encoder reads (77 for CLIP, start and end tokens included); ``None``: no limit known."""
+        limits = [tok.model_max_length for tok in self._tokenizers()]
+        return min(limits) if limits else None
+
+    def _fits(self, text: str, tokenizers: Sequence[Any]) -> bool:
+        return all(
+            len(tok(text, add_special_tokens=True, truncation=False, verbose=False)["input_ids"])
+            <= tok.model_max_length
+            for tok in tokenizers
+        )
+
+    def fit_prompt(self, text: str) -> tuple[str, bool]:
+        """``(prompt, cut)``: ``text`` as the text encoder will read it, cut at a word boundary when it
+        is longer than the encoder's token limit (counted with the pipeline's own tokenizers).
+
+        The pipeline would otherwise drop the tail mid-word, with a warning per batch; cutting here
+        keeps whole words and lets the run count what was cut (:attr:`truncated_prompts`).
+        """
+        tokenizers = self._tokenizers()
+        if not tokenizers or self._fits(text, tokenizers):
+            return text, False
+        words = text.split()
+        lo, hi = 0, len(words)  # the most words that fit: lo fits (0 words trivially), hi does not
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if self._fits(" ".join(words[:mid]), tokenizers):
+                lo = mid
+            else:
+                hi = mid
+        if lo > 0:
+            return " ".join(words[:lo]).rstrip(" ,;:-"), True
+        tok = tokenizers[0]  # one word longer than the limit: cut its tokens
+        ids = tok(text, add_special_tokens=False, verbose=False)["input_ids"][: tok.model_max_length - 2]
+        return tok.decode(ids).strip(), True
+
+    def fit_prompts(self, prompts: Sequence[str]) -> list[str]:
+        """:meth:`fit_prompt` of each prompt; every cut one adds to :attr:`truncated_prompts`."""
+        out = []
+        for text in prompts:
+            fitted, cut = self.fit_prompt(text)
+            self.truncated_prompts += int(cut)
+            out.append(fitted)
+        return out
+
+    def count_truncated(self, prompts: Sequence[str]) -> int:
+        """How many of ``prompts`` are longer than the text encoder reads (nothing is drawn or counted)."""
+        tokenizers = self._tokenizers()
+        return sum(not self._fits(t, tokenizers) for t in prompts) if tokenizers else 0
 
     @property
     def img2img(self) -> Any:
@@ -230,7 +292,7 @@ class DiffusersImageGenerator:
     ) -> list[Image]:
         if width < 1 or height < 1:
             raise ValueError(f"image size must be positive, got {width}x{height}")
-        prompts = list(prompts)
+        prompts = self.fit_prompts(prompts)
         all_seeds = self._seeds(seeds, len(prompts))
         steps = self.steps if steps is None else steps
         guidance = self.guidance if guidance is None else guidance
@@ -270,6 +332,7 @@ class DiffusersImageGenerator:
         if not 0 < strength <= 1:
             raise ValueError(f"strength must be in (0, 1], got {strength}")
         all_seeds = self._seeds(seeds, len(images))
+        prompts = self.fit_prompts(prompts)
         run_steps = img2img_steps(self.steps if steps is None else steps, strength)
         guidance = self.guidance if guidance is None else guidance
         pipe = self.img2img

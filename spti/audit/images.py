@@ -95,13 +95,22 @@ def _embed_images(
     return out
 
 
-def _build_embedders(settings: AuditSettings) -> dict[str, ImageEmbedder]:
+def _build_embedders(settings: AuditSettings, skipped: dict[str, str] | None = None) -> dict[str, ImageEmbedder]:
+    """The feature spaces of the audit. With ``skipped`` (a dict to fill), a space whose model is a
+    hub id that is not cached while the hub cannot be used is left out at once, its reason recorded
+    there, instead of failing the audit (or retrying for a minute); the others still run."""
     from spti.backends.factory import build_image_embedder
+    from spti.models_check import image_features_offline_reason
 
-    return {
-        spec: build_image_embedder(spec, device=settings.device, batch_size=settings.batch_size)
-        for spec in settings.features
-    }
+    out: dict[str, ImageEmbedder] = {}
+    for spec in settings.features:
+        reason = image_features_offline_reason(spec) if skipped is not None else None
+        if reason is not None:
+            assert skipped is not None
+            skipped[spec] = reason
+            continue
+        out[spec] = build_image_embedder(spec, device=settings.device, batch_size=settings.batch_size)
+    return out
 
 
 def _released_images(run: RunDirectory) -> list[Path]:

@@ -63,11 +63,14 @@ def run_audit(
     embedders: dict[str, ImageEmbedder] = {}
     released = _ImageSet([], [], [])
     private = _ImageSet([], [], [])
+    skipped: dict[str, str] = {}
     if private_root is not None and released_paths:
-        if len(s.features) < 2:
-            reporter.warn("audit: one feature space only; a copy it maps far away is left to the pixel check")
         entries = _private_entries(run, private_root, reporter)
-        embedders = _build_embedders(s)
+        embedders = _build_embedders(s, skipped)
+        for spec, reason in skipped.items():
+            reporter.warn(f"audit: skipped the {spec} feature space: {reason}")
+        if len(embedders) < 2 and not skipped:
+            reporter.warn("audit: one feature space only; a copy it maps far away is left to the pixel check")
         released = _embed_images(
             [f"images/{p.name}" for p in released_paths],
             released_paths,
@@ -119,6 +122,8 @@ def run_audit(
         )
 
     result = _assemble(run, private_root, released, private, in_a, features, pixel, text, released_rows, canary, s)
+    if skipped:
+        result["features_skipped"] = skipped  # feature spaces left out (a model not available offline)
     run.ensure_private()
     atomic_write_jsonl(run.private / "audit_neighbours.jsonl", _neighbour_rows(released, private, features, pixel))
     atomic_write_json(run.private / "audit.json", result)

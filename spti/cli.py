@@ -11,9 +11,10 @@ import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from typer.core import TyperCommand
 
 from spti.errors import SptiError
 
@@ -28,6 +29,108 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+
+
+# Help panels of the run commands: each option by its name; options not named here (the run's own:
+# --output, --preset, --config, --resume) stay in the first panel, and new ones land in Execution.
+PANEL_OPTIONS: dict[str, tuple[str, ...]] = {
+    "Privacy": ("epsilon", "delta", "units_bound", "max_private", "privacy_unit", "count_share", "seeding"),
+    "Population": (
+        "num_samples",
+        "iterations",
+        "voting",
+        "population_size",
+        "population",
+        "target_signal",
+        "variation_folds",
+        "domain",
+        "seed",
+        "num_private",
+    ),
+    "Models": (
+        "provider",
+        "base_url",
+        "caption_model",
+        "llm_model",
+        "embedding_model",
+        "image_model",
+        "image_embedder",
+        "release_model",
+        "upscaler_model",
+    ),
+    "Rendering": (
+        "render_size",
+        "voting_size",
+        "vote_render_size",
+        "vote_seeds",
+        "release_render",
+        "release_steps",
+        "release_guidance",
+        "upscaler",
+        "upscale",
+    ),
+}
+RUN_OPTIONS = frozenset({"output", "preset", "config", "resume", "captions"})
+PANEL_OF = {name: panel for panel, names in PANEL_OPTIONS.items() for name in names}
+# defaults that are not a value: what the run does instead
+DEFAULT_WORDS = {
+    "preset": "quick",
+    "delta": "auto: 1/(B·ln B) with --units-bound B, else 1e-6",
+    "units_bound": "none",
+    "max_private": "every unit",
+    "release_model": "the image model",
+    "release_steps": "the release model's own",
+    "release_guidance": "the release model's own",
+    "upscaler_model": "none",
+    "base_url": "$OPENAI_BASE_URL, else api.openai.com",
+    "ray_address": "a local instance",
+    "ray_workers": "one per GPU, else per CPU",
+}
+
+
+def _preset_default(name: str) -> str:
+    """What an unset flag means: the setting of the default (quick) preset, or of the run itself."""
+    from spti.config import FIELD_NAMES, PRESET_VALUES, RunConfig
+
+    if name in DEFAULT_WORDS:
+        return DEFAULT_WORDS[name]
+    if name not in FIELD_NAMES:
+        return "none"
+    value = PRESET_VALUES["quick"].get(name, getattr(RunConfig(), name))
+    if isinstance(value, list):
+        value = ",".join(str(v) for v in value)
+    return "none" if value is None else f"quick preset: {value}"
+
+
+class SptiCommand(TyperCommand):
+    """A command whose options sit in help panels, show what an unset flag means, and show booleans
+    as plain flags (no ``<bool>`` placeholder)."""
+
+    defaults_from = "preset"  # "run": the command works on an existing run, whose settings it keeps
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for param in self.params:
+            if param.param_type_name != "option":
+                continue
+            name = param.name or ""
+            if getattr(param, "rich_help_panel", None) is None and name not in RUN_OPTIONS:
+                param.rich_help_panel = PANEL_OF.get(name, "Execution")  # type: ignore[attr-defined]
+            if getattr(param, "is_flag", False):
+                param.metavar = ""  # a flag takes no value
+                param.show_default = False
+            elif param.default is None and not param.required:
+                param.show_default = "the run's setting" if self.defaults_from == "run" else _preset_default(name)
+
+    def get_help_option(self, ctx: Any) -> Any:
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class RunSettingsCommand(SptiCommand):
+    defaults_from = "run"
 
 
 def _print_version(value: bool) -> None:
@@ -74,11 +177,12 @@ def _parse_epsilon(value: str) -> float:
 
 
 @app.command(
+    cls=SptiCommand,
     epilog=(
         "Examples:\n\n"
         "  spti budget --epsilon 1 --delta 1e-5 --iterations 10\n\n"
         "  spti budget --epsilon 4 --iterations 10 --num-private 30000 --population 14000 --json"
-    )
+    ),
 )
 def budget(
     epsilon: Annotated[str, typer.Option("--epsilon", "-e", help="Target ε ('inf' for no privacy).")] = "1.0",
@@ -172,12 +276,13 @@ def budget(
 # synthesize / caption / evolve / render
 # --------------------------------------------------------------------------------------------
 Opt = typer.Option
+
 OutputOpt = Annotated[Path, Opt("--output", "-o", help="Run directory to create (or continue with --resume).")]
 PresetOpt = Annotated[str | None, Opt(help="smoke | quick | paper | openai | hybrid (default quick).")]
 ConfigOpt = Annotated[Path | None, Opt("--config", help="TOML file with settings; flags win over it.")]
 ResumeOpt = Annotated[bool, Opt("--resume", help="Continue an interrupted run in --output.")]
 EpsOpt = Annotated[str | None, Opt("--epsilon", "-e", help="Privacy budget ε ('inf' for no privacy).")]
-DeltaOpt = Annotated[str | None, Opt("--delta", help="δ, or 'auto' for 1/(N·ln N).")]
+DeltaOpt = Annotated[str | None, Opt("--delta", help="δ, or 'auto' (from --units-bound B, else 1e-6; never from N).")]
 QuietOpt = Annotated[bool, Opt("--quiet", "-q", help="No progress bars.")]
 ReleaseRenderOpt = Annotated[
     str | None,
@@ -198,7 +303,7 @@ RELEASE_CHANGES = frozenset({"release_render", "release_model", "release_steps",
 # where the models run, not what they compute: any resume may change them
 EXECUTOR_CHANGES = frozenset({"executor", "ray_address", "ray_workers"})
 ExecutorOpt = Annotated[
-    str | None, Opt(help="local (models in this process) | ray (on Ray actors, one per GPU; the [ray] extra).")
+    str | None, Opt(help=r"local (models in this process) | ray (on Ray actors, one per GPU; the \[ray] extra).")
 ]
 RayAddressOpt = Annotated[
     str | None, Opt(help="--executor ray: address of an existing cluster (default: start a local instance).")
@@ -349,7 +454,41 @@ def _check_private_dir(private_dir: Path) -> Path:
     return private_dir.resolve()
 
 
+PRESET_PURPOSE = {
+    "smoke": "tiny random models built on the fly: proves the installation offline in minutes (the images are noise)",
+    "quick": "small local models (SmolVLM-256M, SmolLM2-360M, MiniLM, sd-turbo): low-compute trials, text voting",
+    "paper": "the published settings: Qwen2.5-VL-7B, Llama-3-8B, SDXL-Turbo votes, SDXL-base release, image voting",
+    "openai": "hosted models (gpt-4o-mini, text-embedding-3-small, gpt-image-1): no GPU; needs OPENAI_API_KEY",
+    "hybrid": "the SPTI authors' setup: hosted captions, Llama-3-8B on localhost:8000, local SDXL-Turbo and embedder",
+}
+
+
+@app.command(cls=SptiCommand, epilog="Examples:\n\n  spti presets\n\n  spti presets smoke > my_run.toml")
+@_user_errors
+def presets(
+    name: Annotated[str | None, typer.Argument(help="A preset to show; leave out for the list.")] = None,
+) -> None:
+    """The presets, or one preset's resolved settings as TOML (a --config file to start from)."""
+    from spti.config import PRESET_VALUES, PRESETS, RunConfig, resolve_config
+
+    if name is None:
+        for preset in PRESETS:
+            typer.echo(f"{preset:<7} {PRESET_PURPOSE.get(preset, '')}")
+        typer.echo("\n`spti presets NAME` prints one preset's settings as TOML (default: quick).")
+        return
+    if name not in PRESETS:
+        raise SptiError(f"unknown preset {name!r}: use one of {', '.join(PRESETS)}")
+    note = ""
+    try:
+        cfg = resolve_config(preset=name)
+    except SptiError as exc:  # a preset that needs one more setting (paper: the Inception weights file)
+        cfg = RunConfig(preset=name, **PRESET_VALUES[name])
+        note = f"# before a run: {exc}\n"
+    typer.echo(note + cfg.to_toml(), nl=False)
+
+
 @app.command(
+    cls=SptiCommand,
     epilog=(
         "Examples:\n\n"
         "  spti synthesize examples/private_faces --output /tmp/run --preset smoke\n\n"
@@ -359,7 +498,7 @@ def _check_private_dir(private_dir: Path) -> Path:
         "--llm-model openai:meta-llama/Meta-Llama-3-8B-Instruct@http://gpu1:8000/v1 "
         "--image-model local:stabilityai/sdxl-turbo\n\n"
         "  spti synthesize photos/ -o runs/r1 --resume"
-    )
+    ),
 )
 @_user_errors
 def synthesize(
@@ -510,7 +649,7 @@ def synthesize(
     typer.echo(line)
 
 
-@app.command()
+@app.command(cls=SptiCommand)
 @_user_errors
 def caption(
     private_dir: Annotated[Path, typer.Argument(help="Folder of private images.")],
@@ -522,7 +661,7 @@ def caption(
     privacy_unit: Annotated[str | None, Opt(help="image | folder.")] = None,
     domain: Annotated[str | None, Opt(help="Prompt set (its caption prompt is used).")] = None,
     device: Annotated[str | None, Opt(help="auto | cpu | cuda.")] = None,
-    batch_size: Annotated[int | None, Opt(min=1)] = None,
+    batch_size: Annotated[int | None, Opt(help="Batch size of local models.", min=1)] = None,
     executor: ExecutorOpt = None,
     ray_address: RayAddressOpt = None,
     ray_workers: RayWorkersOpt = None,
@@ -556,7 +695,7 @@ def caption(
     typer.echo(f"captions written to {run.private / 'captions.jsonl'} (private: never share)")
 
 
-@app.command()
+@app.command(cls=SptiCommand)
 @_user_errors
 def evolve(
     run_dir: Annotated[Path | None, typer.Argument(help="Run directory with captions (from `spti caption`).")] = None,
@@ -564,14 +703,14 @@ def evolve(
     output: Annotated[Path | None, Opt("--output", "-o", help="New run directory (with --captions).")] = None,
     epsilon: EpsOpt = None,
     delta: DeltaOpt = None,
-    num_samples: Annotated[int | None, Opt(min=1)] = None,
-    iterations: Annotated[int | None, Opt(min=1)] = None,
+    num_samples: Annotated[int | None, Opt(help="Descriptions to release.", min=1)] = None,
+    iterations: Annotated[int | None, Opt(help="PE rounds (noisy releases).", min=1)] = None,
     preset: PresetOpt = None,
     provider: Annotated[str | None, Opt(help="local | openai (for models named bare).")] = None,
     base_url: Annotated[str | None, Opt(help="OpenAI-compatible endpoint (for openai models without @URL).")] = None,
     llm_model: Annotated[str | None, Opt(help=f"Chat model: {SPEC}.")] = None,
     embedding_model: Annotated[str | None, Opt(help=f"Text embedding model: {SPEC}.")] = None,
-    domain: Annotated[str | None, Opt()] = None,
+    domain: Annotated[str | None, Opt(help="Prompt set: generic | faces | bedrooms | PATH.")] = None,
     population_size: Annotated[int | None, Opt(help="Descriptions kept per round (auto: the most).", min=1)] = None,
     population: Annotated[str | None, Opt(help="fixed | auto (sized from the DP count of units).")] = None,
     target_signal: Annotated[float | None, Opt(help="--population auto: votes per candidate ÷ σ.")] = None,
@@ -583,7 +722,7 @@ def evolve(
     ray_address: RayAddressOpt = None,
     ray_workers: RayWorkersOpt = None,
     config: ConfigOpt = None,
-    seed: Annotated[int | None, Opt()] = None,
+    seed: Annotated[int | None, Opt(help="Seed of the public randomness (never of the DP noise).")] = None,
     resume: ResumeOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -685,21 +824,23 @@ def _import_captions(path: Path, run) -> None:  # type: ignore[no-untyped-def]
     run.mark("caption", source="captions file")
 
 
-@app.command()
+@app.command(cls=RunSettingsCommand)
 @_user_errors
 def render(
     run_dir: Annotated[Path, typer.Argument(help="Run directory with released descriptions.")],
     image_model: Annotated[str | None, Opt(help=f"Text-to-image model: {SPEC}.")] = None,
-    render_size: Annotated[int | None, Opt("--render-size", "--release-size", min=8)] = None,
+    render_size: Annotated[
+        int | None, Opt("--render-size", "--release-size", help="Side of released images before upscaling.", min=8)
+    ] = None,
     release_render: ReleaseRenderOpt = None,
     release_model: ReleaseModelOpt = None,
     release_steps: ReleaseStepsOpt = None,
     release_guidance: ReleaseGuidanceOpt = None,
     upscaler: Annotated[str | None, Opt(help="none | lanczos | realesrgan | sd-x4.")] = None,
-    upscale: Annotated[int | None, Opt()] = None,
-    upscaler_model: Annotated[str | None, Opt()] = None,
-    device: Annotated[str | None, Opt()] = None,
-    batch_size: Annotated[int | None, Opt(min=1)] = None,
+    upscale: Annotated[int | None, Opt(help="Upscaling factor: 1, 2 or 4.")] = None,
+    upscaler_model: Annotated[str | None, Opt(help="Real-ESRGAN weights file, or x4 upscaler model id.")] = None,
+    device: Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Batch size of local models.", min=1)] = None,
     executor: ExecutorOpt = None,
     ray_address: RayAddressOpt = None,
     ray_workers: RayWorkersOpt = None,
@@ -739,12 +880,13 @@ def render(
 
 
 @app.command(
+    cls=SptiCommand,
     epilog=(
         "Examples:\n\n"
         "  spti plan --preset openai --num-private 24\n\n"
         "  spti plan photos/ --preset openai --iterations 3 --max-cost 5\n\n"
         "  spti plan photos/ --config run.toml --prices my_prices.toml --json"
-    )
+    ),
 )
 @_user_errors
 def plan(
@@ -771,7 +913,9 @@ def plan(
     population: Annotated[str | None, Opt(help="fixed | auto (planned with the count of files).")] = None,
     variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
     max_private: Annotated[int | None, Opt(help="Vote with at most this many privacy units.", min=3)] = None,
-    render_size: Annotated[int | None, Opt("--render-size", "--release-size", min=8)] = None,
+    render_size: Annotated[
+        int | None, Opt("--render-size", "--release-size", help="Side of released images before upscaling.", min=8)
+    ] = None,
     vote_seeds: Annotated[int | None, Opt(help="Image voting: renders per candidate.", min=1)] = None,
     privacy_unit: Annotated[str | None, Opt(help="image | folder.")] = None,
     domain: Annotated[str | None, Opt(help="Prompt set.")] = None,

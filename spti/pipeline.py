@@ -403,8 +403,8 @@ def evolve_stage(
             f"{run.release} holds released files but {state / 'ledger.json'} is missing: a new ledger would mix "
             "draws; start a new run in a new --output"
         )
-    pe_cfg = pe_config(cfg)
     try:
+        pe_cfg = pe_config(cfg)
         plan = pe_cfg.noise_plan()
     except ValueError as exc:
         raise SptiError(f"invalid privacy settings: {exc}") from None

@@ -84,7 +84,22 @@ def plan_problems(
     roles = roles_used(cfg, stages)
     problems += check_device(cfg, roles)
     problems += check_api_keys(cfg, roles)
+    if getattr(cfg, "executor", "local") == "local":
+        # every model the run needs, named at once with the command that fetches each (Ray workers
+        # build their models on their own machines, so they are not checked here)
+        problems += missing_models_problem(cfg, stages)
     return problems
+
+
+def missing_models_problem(cfg: RunConfig, stages: Sequence[str] = STAGES) -> list[str]:
+    """One problem naming every model the stages need that this machine lacks, or none."""
+    from spti import models_check
+
+    done = [s for s in ("caption", "evolve") if s not in stages]
+    statuses = models_check.model_statuses(cfg, done)
+    offline = any(s.repo_id for s in statuses) and models_check.use_offline_mode()
+    missing = [s for s in statuses if s.missing and (offline or not s.repo_id)]
+    return [models_check.missing_models_message(missing, offline=offline, resume_hint=False)] if missing else []
 
 
 def _one_line(check: Callable[[], object]) -> list[str]:

@@ -2,6 +2,8 @@
 
     python benchmarks/bench_render.py                 # GPU: SDXL-Turbo-sized pipeline, random weights
     python benchmarks/bench_render.py --tiny --device cpu   # the same code on a tiny pipeline (CPU check)
+    python benchmarks/bench_render.py --executor ray        # images/s on 1, 2, 4, … GPUs through Ray actors
+    python benchmarks/bench_render.py --executor ray --tiny --device cpu   # that path with 2 CPU actors
 
 SDXL-Turbo's real weights cannot be fetched here, so the pipeline is built from SDXL's architecture
 with random weights: the compute per image is the same. Measurements (images/s, GPU memory):
@@ -10,6 +12,10 @@ with random weights: the compute per image is the same. Measurements (images/s, 
 2. one image-voting round (14,000 renders) under variants: channels-last, 256² renders (Inception
    features use 256² anyway), fewer steps, a tiny autoencoder for decodes, torch.compile;
 3. the ×4 Real-ESRGAN upscaler (RRDBNet x4plus size, random weights) and Lanczos.
+With ``--executor ray``: vote renders through the Ray executor (:mod:`spti.executors`) on one machine,
+with 1, 2, 4, … actors (one GPU each; ``--workers`` to choose), images/s and scaling efficiency
+(images/s with n ÷ n × images/s with one), and the executor's overhead against the same calls in
+process (``LocalExecutor``). ``--tiny --device cpu`` runs that path on 2 CPU actors.
 Without a CUDA device (and without --tiny) it prints a skip message.
 """
 
@@ -132,17 +138,121 @@ def timed(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     return best
 
 
+def bench_ray(args: argparse.Namespace) -> None:
+    """Vote renders through the Ray executor with 1, 2, 4, … actors on this machine: images/s and scaling."""
+    import importlib.util
+
+    import torch
+
+    if importlib.util.find_spec("ray") is None:
+        print("skip: ray is not installed (pip install 'spti[ray]')")
+        return
+    import ray
+
+    from spti.config import resolve_config
+    from spti.executors import LocalExecutor, RoleSpec
+    from spti.executors.proxies import ImageGeneratorProxy
+    from spti.executors.ray_executor import RayExecutor
+    from spti.testing.tiny_vision import build_tiny_sdxl_pipeline
+
+    gpus = torch.cuda.device_count() if args.device.startswith("cuda") else 0
+    slots = gpus or 2  # the CPU check: 2 CPU actors
+    counts = [int(n) for n in args.workers.split(",")] if args.workers else _doublings(slots)
+    counts = [n for n in counts if n <= slots]
+    size, steps = (64, 2) if args.tiny else (512, 4)
+    batch = min(args.batch, 4) if args.tiny else args.batch
+    per_worker = args.batches * batch  # images each actor draws in a timed pass
+    mach = machine()
+    with tempfile.TemporaryDirectory() as tmp:
+        # built on the CPU, so that the driver holds no GPU: every GPU goes to an actor
+        path = str(build_tiny_sdxl_pipeline(os.path.join(tmp, "sdxl"))) if args.tiny else build_sdxl_sized(tmp, "cpu")
+        cfg = resolve_config(
+            preset="quick",
+            overrides={
+                "image_model": path,
+                "device": "cpu" if not gpus else "cuda",
+                "dtype": "fp32" if not gpus else "fp16",
+                "batch_size": batch,
+                "steps": steps,
+                "guidance": 0.0,
+            },
+        )
+        role = RoleSpec.of("image", cfg)
+
+        def draw(executor, n_images: int, tag: str) -> float:  # type: ignore[no-untyped-def]
+            gen = ImageGeneratorProxy(executor, role, chunk=batch)
+            prompts = [f"a photo of a bedroom number {i} with a large window, {tag}" for i in range(n_images)]
+            gen.generate(prompts[: batch * executor.workers], width=size, height=size, steps=steps)  # load, warm up
+            t = time.perf_counter()
+            gen.generate(prompts, seeds=list(range(n_images)), width=size, height=size, steps=steps)
+            return n_images / (time.perf_counter() - t)
+
+        if not gpus:
+            torch.set_num_threads(1)  # as each CPU actor (num_cpus=1): the in-process baseline is one slot too
+        local = LocalExecutor()
+        in_process = draw(local, per_worker, "in process")
+        local.close()
+        ray.init(num_cpus=max(2, slots), num_gpus=gpus, include_dashboard=False, log_to_driver=False)
+        try:
+            rates: dict[int, float] = {}
+            for n in counts:
+                executor = RayExecutor(workers=n)
+                try:
+                    rates[n] = draw(executor, n * per_worker, f"{n} workers")
+                finally:
+                    executor.close()
+                emit(
+                    {
+                        "bench": "render_ray",
+                        "machine": mach,
+                        "device": f"{n} x GPU" if gpus else f"{n} x CPU actor",
+                        "workers": n,
+                        "size": size,
+                        "steps": steps,
+                        "batch": batch,
+                        "images": n * per_worker,
+                        "images_per_s": rates[n],
+                        "speedup": rates[n] / rates[counts[0]] * counts[0],
+                        "scaling_efficiency": rates[n] / (n * rates[counts[0]] / counts[0]),
+                        "in_process_images_per_s": in_process,
+                        "ray_over_in_process": rates[n] / (n * in_process),
+                        "tiny": args.tiny,
+                    }
+                )
+        finally:
+            ray.shutdown()
+
+
+def _doublings(limit: int) -> list[int]:
+    out, n = [], 1
+    while n <= limit:
+        out.append(n)
+        n *= 2
+    if out[-1] != limit:
+        out.append(limit)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny pipeline (checks the code path on CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--executor", choices=("local", "ray"), default="local", help="ray: the multi-GPU mode")
+    ap.add_argument(
+        "--workers", default="", help="--executor ray: actor counts to measure, e.g. 1,2,4 (default 1, 2, 4, … all)"
+    )
+    ap.add_argument("--batches", type=int, default=4, help="--executor ray: timed batches per actor")
     args = ap.parse_args()
     import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         print("skip: no CUDA device on this machine (run with --tiny --device cpu to check the code path)")
+        return
+    if args.executor == "ray":
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        bench_ray(args)
         return
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from spti.backends.local.images import DiffusersImageGenerator

@@ -34,7 +34,16 @@ app = typer.Typer(
 # Help panels of the run commands: each option by its name; options not named here (the run's own:
 # --output, --preset, --config, --resume) stay in the first panel, and new ones land in Execution.
 PANEL_OPTIONS: dict[str, tuple[str, ...]] = {
-    "Privacy": ("epsilon", "delta", "units_bound", "max_private", "privacy_unit", "count_share", "seeding"),
+    "Privacy": (
+        "epsilon",
+        "delta",
+        "units_bound",
+        "max_private",
+        "privacy_unit",
+        "count_share",
+        "seeding",
+        "seeding_share",
+    ),
     "Population": (
         "num_samples",
         "iterations",
@@ -542,6 +551,12 @@ def synthesize(
     seeding: Annotated[
         str | None, Opt(help="attributes (DP histogram of the captions' public attributes) | none.")
     ] = None,
+    seeding_share: Annotated[
+        float | None, Opt(help="Share of the budget (of μ²) for the seeding release.", min=0.0, max=0.9)
+    ] = None,
+    count_share: Annotated[
+        float | None, Opt(help="Share of the budget (of μ²) for the DP count of units.", min=0.0, max=0.9)
+    ] = None,
     max_private: Annotated[
         int | None, Opt(help="Vote with a uniformly random subset of at most this many privacy units.", min=3)
     ] = None,
@@ -606,6 +621,8 @@ def synthesize(
         population=population,
         target_signal=target_signal,
         seeding=seeding,
+        seeding_share=seeding_share,
+        count_share=count_share,
         max_private=max_private,
         units_bound=units_bound,
         variation_folds=variation_folds,
@@ -715,6 +732,8 @@ def evolve(
     population: Annotated[str | None, Opt(help="fixed | auto (sized from the DP count of units).")] = None,
     target_signal: Annotated[float | None, Opt(help="--population auto: votes per candidate ÷ σ.")] = None,
     seeding: Annotated[str | None, Opt(help="attributes | none.")] = None,
+    seeding_share: Annotated[float | None, Opt(help="Budget share (of μ²) for seeding.", min=0.0, max=0.9)] = None,
+    count_share: Annotated[float | None, Opt(help="Budget share (of μ²) for the DP count.", min=0.0, max=0.9)] = None,
     max_private: Annotated[int | None, Opt(help="Vote with a random subset of at most N units.", min=3)] = None,
     units_bound: Annotated[int | None, Opt(help="Public upper bound B on the units: δ = 1/(B·ln B).", min=3)] = None,
     variation_folds: Annotated[int | None, Opt(help="Variations per kept description.", min=1)] = None,
@@ -744,6 +763,8 @@ def evolve(
         population=population,
         target_signal=target_signal,
         seeding=seeding,
+        seeding_share=seeding_share,
+        count_share=count_share,
         max_private=max_private,
         units_bound=units_bound,
         variation_folds=variation_folds,

@@ -24,7 +24,6 @@ see the ledger, the noise, the selection or the run directory.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,9 +48,6 @@ class _Worker:
 
     def __init__(self) -> None:
         self._holder = ModelHolder()
-
-    def ready(self) -> str:
-        return f"{os.uname().nodename}:{os.getpid()}"
 
     def call(self, role: RoleSpec, method: str, call: Call) -> Any:
         return self._holder.call(role, method, call)

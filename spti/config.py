@@ -630,12 +630,6 @@ def _read_model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
     return out
 
 
-def load_toml(path: str | Path) -> dict[str, Any]:
-    """A config file's settings. ``[sections]`` are for readability (their keys are global), except
-    ``[models.<role>]`` tables, which name a role's provider, model, base_url and api_key_env."""
-    path = Path(path)
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
 # what a TOML value of each annotation may be: (description, check)
 _NUMBER = ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool))
 _INTEGER = ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool))
@@ -672,6 +666,12 @@ def _check_type(key: str, value: Any, where: str) -> None:
     raise SptiError(f"{where}: {key} must be {description}{words}, got {shown} ({kind}){hint}")
 
 
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A config file's settings. ``[sections]`` are for readability (their keys are global), except
+    ``[models.<role>]`` tables, which name a role's provider, model, base_url and api_key_env."""
+    path = Path(path)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise SptiError(f"config file {path} does not exist") from None
     except tomllib.TOMLDecodeError as exc:
@@ -690,14 +690,14 @@ def _check_type(key: str, value: Any, where: str) -> None:
     if unknown:
         raise SptiError(f"config file {path}: unknown setting(s) {', '.join(unknown)}")
     values = {k.replace("-", "_"): v for k, v in flat.items()}
+    for key, value in values.items():
+        _check_type(key, value, f"config file {path}")
     if tables:
         values["models"] = _read_model_tables(tables, f"config file {path}")
     for role, table in values.get("models", {}).items():
         field_name = ROLE_FIELDS[role]
         if field_name in values:
             _, model, _ = parse_model_spec(values[field_name], where=f"config file {path}: {field_name}")
-    for key, value in values.items():
-        _check_type(key, value, f"config file {path}")
             if model != table["model"]:
                 raise SptiError(
                     f"config file {path}: {field_name} = {values[field_name]!r} and [models.{role}] model = "

@@ -183,6 +183,7 @@ def privacy_statement(
             f"{VOTE_DIGITS} decimal"
         ),
         "private_data_sent_to": run.private_data_endpoints(),
+        "models": _model_routes(cfg),
         "not_dp": NOT_DP,
         "generation_fallbacks": generation,
         "junk_in_release": junk,
@@ -191,6 +192,39 @@ def privacy_statement(
         "versions": _versions(),
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
+
+
+# Roles that read private data (the rest see only public prompts and DP-selected descriptions).
+PRIVATE_ROLES = frozenset({"caption", "text_embedding", "image_features"})
+
+
+def _model_routes(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    """Every role of the run: its provider, model and endpoint (never a key), and whether it reads
+    private data. Public settings; which endpoints did receive private data is under
+    ``private_data_sent_to``."""
+    from spti.config import ROLE_FIELDS
+
+    routes: dict[str, dict[str, Any]] = {}
+    for role in ROLE_FIELDS:
+        try:
+            spec = cfg.model_spec(role)
+        except Exception:  # a role this run does not configure
+            continue
+        if not spec.model:
+            continue
+        routes[role] = {
+            "provider": spec.provider,
+            "model": spec.model,
+            "endpoint": "local" if spec.provider == "local" else _hosted_endpoint(spec.base_url or cfg.base_url),
+            "reads_private_data": role in PRIVATE_ROLES,
+        }
+    return routes
+
+
+def _hosted_endpoint(base_url: str | None) -> str:
+    from spti.backends.openai_api import describe_endpoint
+
+    return describe_endpoint(base_url)
 
 
 def _junk_in_release(result: PEResult[str], cfg: RunConfig) -> dict[str, int]:

@@ -381,6 +381,16 @@ def test_hybrid_run_sends_each_role_to_its_own_server(tmp_path: Path, monkeypatc
         assert sent["caption"] == {"caption": captioner.base_url}
         assert sent["evolve"] == {"text_embedding": "local"}
         assert llm.base_url not in json.dumps(sent)
+        # and names every role's endpoint, saying which of them read private data
+        models = privacy["models"]
+        assert models["caption"] == {
+            "provider": "openai",
+            "model": "gpt-4o-mini",
+            "endpoint": captioner.base_url,
+            "reads_private_data": True,
+        }
+        assert models["llm"]["endpoint"] == llm.base_url and models["llm"]["reads_private_data"] is False
+        assert models["text_embedding"]["endpoint"] == "local"
         assert len(list((out / "release" / "images").glob("*.png"))) == 4
 
         # the one request cache holds both roles' answers; the saved config names each role, no key

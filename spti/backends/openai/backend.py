@@ -55,7 +55,15 @@ from spti.backends.openai.helpers import (
     log,
 )
 from spti.backends.openai.runtime import _Control, _Job, _LoopThread, _Outcome, _Parsed, _shutdown, _TokenBucket, _wait
-from spti.backends.openai.usage import DEFAULT_PRICES, ModelPrice, RequestFailure, _ModelUsage, _price_for, _UsageLedger
+from spti.backends.openai.usage import (
+    DEFAULT_PRICES,
+    ModelPrice,
+    RequestFailure,
+    _ModelUsage,
+    _price_for,
+    _UsageLedger,
+    price_model_usage,
+)
 from spti.backends.request_cache import RequestCache
 from spti.errors import BackendError, SptiError
 
@@ -301,18 +309,13 @@ class OpenAIBackend:
         unpriced: list[str] = []
         for model, u in sorted(by_model.items()):
             price = _price_for(model, self.prices)
-            if price is None:
-                model_cost = 0.0
-                if u.requests:
-                    unpriced.append(model)
-            else:
-                model_cost = (
-                    u.prompt_tokens * price.input_per_million / 1e6
-                    + u.completion_tokens * price.output_per_million / 1e6
-                    + u.images * price.per_image
-                )
+            # one pricing rule for every report: an image the server did not meter is priced by its
+            # size and quality, or the cost is marked unknown — never a silent 0
+            model_cost, known = price_model_usage(model, vars(u), price)
+            if not known and u.requests:
+                unpriced.append(model)
             cost += model_cost
-            out[model] = {**vars(u), "cost_usd": model_cost, "cost_known": price is not None}
+            out[model] = {**vars(u), "cost_usd": model_cost, "cost_known": known}
         return out, cost, unpriced
 
     def usage(self) -> dict[str, Any]:

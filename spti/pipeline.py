@@ -651,6 +651,9 @@ def render_stage(cfg: RunConfig, run: RunDirectory, models: Any, reporter: Repor
     drew = vars(models).get("release_image_generator" if plan.mode == "rerender" else "image_generator")
     count = getattr(drew, "count_truncated", None)
     truncated = count([row["text"] for row in rows]) if callable(count) else None
+    if truncated is None and record.get("captions_sha256") == captions_sha and record.get("settings") == settings:
+        # nothing was drawn this time (a resume): the count of the process that drew them stands
+        truncated = record.get("truncated_prompts")
     atomic_write_json(
         render_record, {"captions_sha256": captions_sha, "settings": settings, "truncated_prompts": truncated}
     )

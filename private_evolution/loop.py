@@ -108,6 +108,7 @@ class PEConfig:
     target_signal: float = 2.0
     auto_population_bounds: tuple[int, int] = (8, 2000)
     seeding_share: float = 0.0
+    distinct_release: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.auto_population_bounds, list):
@@ -601,7 +602,10 @@ class PrivateEvolution(Generic[S]):
                 selected_idx = np.asarray(json.loads(selected_path.read_text()), dtype=np.int64)
             else:
                 rng = np.random.default_rng(derive_seed(cfg.seed, t, "select"))
-                selected_idx = select(noisy.values, cfg.kept(t), method=cfg.selection, rng=rng)
+                if t == cfg.iterations - 1 and cfg.selection == "rank" and cfg.distinct_release:
+                    selected_idx = _rank_distinct(noisy.values, population.samples, cfg.kept(t))
+                else:
+                    selected_idx = select(noisy.values, cfg.kept(t), method=cfg.selection, rng=rng)
                 atomic_write_json(selected_path, selected_idx.tolist())
             if t < cfg.iterations - 1:
                 next_path = self.round_dir(t + 1) / "population.jsonl"
@@ -742,6 +746,21 @@ class PrivateEvolution(Generic[S]):
         )
         atomic_save_npz(path, noisy.as_arrays() | {"release": np.array(name)})
         return noisy, False
+
+
+def _rank_distinct(votes: np.ndarray, samples: Sequence[Any], n: int) -> np.ndarray:
+    """The final release: the n highest-voted candidates, skipping copies of a sample already taken
+    (copy fallbacks and kept samples make identical candidates); copies fill in only when there are
+    fewer than n distinct samples. Post-processing of the noisy votes, like rank selection."""
+    order = np.argsort(-np.asarray(votes, dtype=np.float64), kind="stable")
+    seen: set[str] = set()
+    first: list[int] = []
+    rest: list[int] = []
+    for i in order:
+        key = json.dumps(samples[int(i)], sort_keys=True)
+        (rest if key in seen else first).append(int(i))
+        seen.add(key)
+    return np.asarray((first + rest)[:n], dtype=np.int64)
 
 
 def _finite(x: float) -> float | str:

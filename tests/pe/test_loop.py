@@ -224,3 +224,24 @@ def test_toy_convergence(tmp_path: Path, epsilon: float, factor: float) -> None:
     reference = private[:600]
     before, after = mmd_rbf(initial, reference), mmd_rbf(final, reference)
     assert after * factor < before, (before, after)
+
+
+def test_final_release_prefers_distinct_samples(tmp_path: Path) -> None:
+    """Identical candidates (copy fallbacks, kept samples) are released once while distinct ones remain."""
+
+    class CopyingGenerator(PointGenerator):
+        def vary(self, samples, strength, *, seed=None):
+            return [list(s) for s in samples]  # every variation falls back to a copy of its parent
+
+    cfg = config(iterations=2, num_samples=6, population_size=6, variation_folds=2)
+    result = make(tmp_path / "a", cfg, generator=CopyingGenerator()).run(PRIVATE)
+    assert len({tuple(s) for s in result.samples}) == 6  # 18 candidates, 6 distinct: all six released once
+
+
+def test_rank_distinct_skips_copies_until_it_must_use_them() -> None:
+    from private_evolution.loop import _rank_distinct
+
+    votes = np.array([5.0, 4.0, 3.0, 2.0])
+    assert _rank_distinct(votes, ["a", "a", "b", "c"], 3).tolist() == [0, 2, 3]
+    assert _rank_distinct(votes, ["a", "a", "a", "b"], 3).tolist() == [0, 3, 1]  # copies only to fill up
+    assert select(votes, 3).tolist() == [0, 1, 2]  # plain rank selection would release "a" twice

@@ -84,6 +84,22 @@ async def _inspect(ws_url: str, url: str, expressions: dict[str, str], width: in
         return PageCheck(values=values, screenshot=base64.b64decode(shot["data"]))
 
 
+def _stop_group(proc: subprocess.Popen[str]) -> None:
+    import os
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
 def inspect_page(
     path: Path, expressions: dict[str, str], *, width: int = 1280, height: int = 900, timeout: float = 60
 ) -> PageCheck:
@@ -91,7 +107,8 @@ def inspect_page(
     browser = find_browser()
     if browser is None:
         raise FileNotFoundError("no Chromium on the PATH (Debian: apt-get install chromium)")
-    with tempfile.TemporaryDirectory() as profile:
+    # Chromium's helper processes may still write to the profile as it exits: clean up best-effort
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(
             [
                 browser,
@@ -107,6 +124,7 @@ def inspect_page(
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # its own process group: stopping it stops its helpers too
         )
         try:
             ws_url = None
@@ -122,8 +140,4 @@ def inspect_page(
                 asyncio.wait_for(_inspect(ws_url, path.resolve().as_uri(), expressions, width, height), timeout)
             )
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            _stop_group(proc)

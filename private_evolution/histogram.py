@@ -171,8 +171,11 @@ class _Shortlister:
         self.gamma = rounding * (1 + acc) + acc + 2 * output_roundoff + _gamma(d + 4, 2.0**-53)
 
     def margin(self, q64: np.ndarray) -> np.ndarray:
-        qn = np.sqrt(np.add.reduce(q64 * q64, axis=1))
-        return 2.0 * self.gamma * (qn + self.key_norm_max) ** 2 * (1 + 1e-6) + 1e-300
+        return self.margin_from_norms(np.sqrt(np.add.reduce(q64 * q64, axis=1)))
+
+    def margin_from_norms(self, q_norm: Any) -> Any:
+        """2·B_i from the rows' norms (numpy arrays or torch tensors alike)."""
+        return 2.0 * self.gamma * (q_norm + self.key_norm_max) ** 2 * (1 + 1e-6) + 1e-300
 
     def from_scores(self, scores: np.ndarray, margin: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(rows, cols) of the shortlist from a full block of computed scores (numpy arrays)."""
@@ -293,8 +296,7 @@ def _shortlist_torch(q64: Any, y_t: Any, y_sq_t: Any, sl: _Shortlister, precisio
     m = scores.shape[1]
     kprime = min(m, sl.k + 7)
     top_v, top_i = torch.topk(scores, kprime, dim=1, largest=False, sorted=True)
-    q_norm = torch.sqrt((q64 * q64).sum(dim=1))
-    margin = 2.0 * sl.gamma * (q_norm + sl.key_norm_max) ** 2 * (1 + 1e-6) + 1e-300
+    margin = sl.margin_from_norms(torch.sqrt((q64 * q64).sum(dim=1)))
     limit = (top_v[:, sl.k - 1].double() + margin).float()
     limit = torch.nextafter(limit, torch.full_like(limit, float("inf")))
     # complete: every candidate outside the k' best scores above the limit, so none can be needed

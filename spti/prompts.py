@@ -11,7 +11,7 @@ Attribute lists, tones and examples are public data chosen by a person, so using
 from __future__ import annotations
 
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,6 +52,9 @@ class PromptSet:
     examples: tuple[FewShotExample, ...]
     source: str
     attributes_per_prompt: int = 1
+    # caption words that count as an attribute word when seeding matches captions ("nordic" →
+    # "scandinavian"): one word (hyphenated allowed) to the values' word
+    synonyms: dict[str, str] = field(default_factory=dict)
 
     def all_attributes(self) -> list[tuple[str, str]]:
         """Every (key, value) pair, in file order: the public seeds of the random API."""
@@ -131,6 +134,15 @@ def load_prompt_set(domain: str | Path = "generic") -> PromptSet:
     per_prompt = rnd.get("attributes_per_prompt", 1)
     if not isinstance(per_prompt, int) or isinstance(per_prompt, bool) or per_prompt < 1:
         raise SptiError(f"{path}: [random].attributes_per_prompt must be an integer >= 1, got {per_prompt!r}")
+    raw_synonyms = data.get("synonyms", {})
+    if not isinstance(raw_synonyms, dict):
+        raise SptiError(f'{path}: [synonyms] must be a table: word = ["synonym", ...]')
+    synonyms: dict[str, str] = {}
+    for word, others in raw_synonyms.items():
+        for other in _strings(others, f"[synonyms].{word}", path):
+            if not other or " " in other.strip():
+                raise SptiError(f"{path}: [synonyms].{word}: {other!r} must be one word (hyphens are fine)")
+            synonyms[other.strip().lower()] = str(word).lower()
     examples = []
     for i, ex in enumerate(var.get("examples", [])):
         if not isinstance(ex, dict) or "masked" not in ex or "filled" not in ex:
@@ -150,6 +162,7 @@ def load_prompt_set(domain: str | Path = "generic") -> PromptSet:
         examples=tuple(examples),
         source=str(path),
         attributes_per_prompt=min(per_prompt, len(attributes)),
+        synonyms=synonyms,
     )
     _check_placeholders(ps, path)
     return ps

@@ -52,6 +52,53 @@ def test_attribute_matching_works_clause_by_clause() -> None:
     assert core_words("with pale blue walls") == ("pale", "blue", "wall")
 
 
+def _matched(caption: str) -> dict[str, set[str]]:
+    ps = load_prompt_set("bedrooms")
+    pairs = ps.all_attributes()
+    out: dict[str, set[str]] = {}
+    for j in np.flatnonzero(attribute_affinities([caption], ps)[0]):
+        out.setdefault(pairs[j][0], set()).add(pairs[j][1])
+    return out
+
+
+def test_paraphrased_captions_match_the_values_they_mean() -> None:
+    m = _matched("A rustic bedroom with walls painted dusty blue. A queen bed is made up with white sheets.")
+    assert m["style"] == {"in a rustic farmhouse style"}  # a modifier and the subject's noun
+    assert m["bedding"] == {"with crisp white linen"}  # "white" + a bedding noun
+    assert m["wall_colour"] == {"with pale blue walls", "with sky blue walls", "with navy blue walls"}
+    assert m["bed"] == {"with a queen-size bed"}  # "queen-size" is also "queen"
+    assert _matched("There is a thick carpet.")["floor"] == {"with beige carpet", "with grey carpet"}
+    # nouns that other values only locate things by do not match them
+    walls = _matched("Walls painted navy blue surround the room.")
+    assert "decor" not in walls and "style" not in walls  # no "wall mirror", no "child's room"
+    assert "window_light" not in _matched("A large king bed stands in the middle.")  # not "...on the bed"
+
+
+def test_a_key_weighs_one_however_many_values_tie() -> None:
+    ps = load_prompt_set("bedrooms")
+    row = attribute_affinities(["Walls painted dusty blue, with a thick carpet."], ps)[0]
+    keys = [k for k, _ in ps.all_attributes()]
+    per_key = {k: row[[i for i, kk in enumerate(keys) if kk == k]].sum() for k in ps.attributes}
+    assert per_key["wall_colour"] == pytest.approx(1.0) and per_key["floor"] == pytest.approx(1.0)
+    assert (row > 0).sum() == 5 and per_key["bed"] == 0
+
+
+def test_seeding_draws_estimate_how_often_each_key_is_mentioned() -> None:
+    ps = load_prompt_set("bedrooms")
+    captions = ["A bedroom with sage green walls and a double bed."] * 50 + ["A bedroom with white walls."] * 50
+    from private_evolution.histogram import weight_histogram
+    from spti.seeding import seeding_draws
+
+    draws = seeding_draws(weight_histogram(attribute_affinities(captions, ps)), ps, uniform_mix=0.0)
+    assert draws.mention["wall_colour"] == pytest.approx(1.0)
+    # half the captions name a bed; each of their two keys weighs 1/sqrt(2) after the L2 scaling,
+    # so the estimate reads (50/sqrt(2)) / (50 + 50/sqrt(2)) = 0.41: rates are right when captions
+    # mention about as many keys each, and low for keys named mostly by long captions
+    assert draws.mention["bed"] == pytest.approx(0.414, abs=0.01) and draws.mention["camera"] == 0.0
+    walls = dict(zip(ps.attributes["wall_colour"], draws.values["wall_colour"], strict=True))
+    assert walls["with sage green walls"] == pytest.approx(0.414, abs=0.01)  # the same 1/sqrt(2) weight
+
+
 def test_conditioned_random_api_draws_the_seeded_values() -> None:
     ps = load_prompt_set("bedrooms")
     pairs = ps.all_attributes()

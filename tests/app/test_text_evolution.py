@@ -84,6 +84,20 @@ def test_user_prompt_set_errors_name_the_file(tmp_path) -> None:
     assert str(bad) in str(err.value)
 
 
+def test_synonyms_are_read_checked_and_used_by_the_seeding_matcher(tmp_path) -> None:
+    from spti.seeding import attribute_affinities
+
+    ps = load_prompt_set("bedrooms")
+    assert ps.synonyms["nordic"] == "scandinavian"
+    pairs = ps.all_attributes()
+    row = attribute_affinities(["A Nordic bedroom."], ps)[0]
+    assert [pairs[j][1] for j in np.flatnonzero(row)] == ["in a Scandinavian style"]
+    text = Path(ps.source).read_text()
+    (tmp_path / "prompts.toml").write_text(text.replace('"nordic", "scandi"', '"nordic style"'))
+    with pytest.raises(SptiError, match=r"one word .*prompts\.toml|prompts\.toml.*one word"):
+        load_prompt_set(tmp_path)
+
+
 def test_mask_words_probability_and_at_least_one_blank() -> None:
     rng = np.random.default_rng(0)
     text = " ".join(f"w{i}" for i in range(2000))

@@ -192,6 +192,10 @@ class RunConfig:
     min_words: int = 25  # floor of the target length
     max_words: int | None = None  # optional cap on the target length; none by default, as the authors
     rephrase_fraction: float = 0.0
+    # a random answer naming fewer than this share of its prompt's attribute values is regenerated
+    # once, then replaced by the attribute template (0: off); see VariationSettings
+    min_attribute_share: float = 0.5
+    seeding_uniform_mix: float = 0.05  # with DP seeding, the uniform share of each key's value draws
     temperature: float = 1.0
     top_p: float = 0.95
     # models: each role names its model in its field below, as a spec ``[provider:]model[@base_url]``
@@ -376,6 +380,9 @@ class RunConfig:
             raise bad(f"word-count-std must be >= 0, got {self.word_count_std}")
         if not 0 <= self.rephrase_fraction <= 1:
             raise bad(f"rephrase-fraction must be in [0, 1], got {self.rephrase_fraction}")
+        for name in ("min_attribute_share", "seeding_uniform_mix"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise bad(f"{name.replace('_', '-')} must be in [0, 1], got {getattr(self, name)}")
         if isinstance(self.vote_render_size, str) and self.vote_render_size.isdigit():
             self.vote_render_size = int(self.vote_render_size)
         if self.vote_render_size != "native" and not (

@@ -427,6 +427,8 @@ def evolve_stage(
             rephrase_fraction=cfg.rephrase_fraction,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
+            min_attribute_share=cfg.min_attribute_share,
+            seeding_uniform_mix=cfg.seeding_uniform_mix,
         ),
         # per-call counts on disk, so privacy.json sums fallbacks over every process of the run
         stats_path=run.state / "llm_stats.jsonl",

@@ -64,6 +64,13 @@ class VariationSettings:
     random_max_new_tokens: int = 100
     min_answer_words: int | None = None
     regenerate_junk: bool = True
+    # A random answer that names fewer than this share of the attribute values its prompt asked for
+    # did not follow it (small LLMs often drift to their own favourites): junk, regenerated once, then
+    # the attribute template. 0 turns the check off.
+    min_attribute_share: float = 0.5
+    # With a DP seeding histogram, the share of each key's draws that stays uniform over its values,
+    # so values the private data did not mention can still be proposed.
+    seeding_uniform_mix: float = 0.05
 
     def __post_init__(self) -> None:
         if self.word_count_std < 0:
@@ -78,6 +85,8 @@ class VariationSettings:
             raise ValueError("tokens_per_word must be > 0 and token_slack >= 0")
         if self.random_max_new_tokens < 1 or (self.max_new_tokens_limit is not None and self.max_new_tokens_limit < 1):
             raise ValueError("token limits must be >= 1")
+        if not 0 <= self.min_attribute_share <= 1 or not 0 <= self.seeding_uniform_mix <= 1:
+            raise ValueError("min_attribute_share and seeding_uniform_mix must be in [0, 1]")
 
     def target_words(self, n_words: int, rng: np.random.Generator) -> int:
         """The word count asked of one variation (truncated Gaussian jitter, as Aug-PE's ``int(normal)``)."""
@@ -383,6 +392,7 @@ class _Request:
     max_new_tokens: int
     fallback: str
     instructions: frozenset[tuple[str, ...]]
+    attributes: tuple[tuple[str, str], ...] = ()  # the (key, value) pairs a random prompt asked for
 
 
 class LLMDescriptionGenerator:
@@ -415,12 +425,10 @@ class LLMDescriptionGenerator:
     def _random_requests(self, n: int, seed: int) -> list[_Request]:
         rng = np.random.default_rng(seed)
         ps = self.prompts
-        keys = list(ps.attributes)
         requests = []
         for _ in range(n):
-            chosen = sorted(rng.choice(len(keys), size=ps.attributes_per_prompt, replace=False))
-            values = [ps.attributes[keys[k]][self._draw_value(keys[k], rng)] for k in chosen]
-            attribute = ", ".join(values)
+            chosen = [(key, ps.attributes[key][self._draw_value(key, rng)]) for key in self._draw_keys(rng)]
+            attribute = ", ".join(value for _, value in chosen)
             tone = ps.tones[int(rng.integers(len(ps.tones)))]
             user = ps.random_template.format(subject=ps.subject, attribute=attribute, tone=tone)
             requests.append(
@@ -429,23 +437,38 @@ class LLMDescriptionGenerator:
                     self.settings.random_max_new_tokens,
                     f"{ps.subject} {attribute}",
                     self._random_instructions,
+                    tuple(chosen),
                 )
             )
         return requests
 
     def condition(self, histogram: np.ndarray) -> None:
-        """Weight the random API's attribute values by a DP seeding histogram (one value per
-        ``prompts.all_attributes()`` pair); see :mod:`spti.seeding`. Post-processing only."""
-        from spti.seeding import value_probabilities
+        """Weight the random API's draws by a DP seeding histogram (one value per
+        ``prompts.all_attributes()`` pair); see :mod:`spti.seeding`. Post-processing only.
 
-        self._value_probabilities = value_probabilities(histogram, self.prompts)
+        A conditioned prompt names each key with the key's estimated mention rate (so a prompt asks
+        for as many attributes as a private caption typically has), each value drawn from the
+        key's noisy histogram.
+        """
+        from spti.seeding import seeding_draws
+
+        self._seeding = seeding_draws(histogram, self.prompts, uniform_mix=self.settings.seeding_uniform_mix)
+
+    def _draw_keys(self, rng: np.random.Generator) -> list[str]:
+        keys = list(self.prompts.attributes)
+        seeding = getattr(self, "_seeding", None)
+        if seeding is None:
+            chosen = sorted(rng.choice(len(keys), size=self.prompts.attributes_per_prompt, replace=False))
+            return [keys[k] for k in chosen]
+        named = [key for key in keys if rng.random() < seeding.mention[key]]
+        return named or [max(keys, key=lambda k: seeding.mention[k])]
 
     def _draw_value(self, key: str, rng: np.random.Generator) -> int:
-        probabilities = getattr(self, "_value_probabilities", None)
+        seeding = getattr(self, "_seeding", None)
         n = len(self.prompts.attributes[key])
-        if probabilities is None:
+        if seeding is None:
             return int(rng.integers(n))
-        return int(rng.choice(n, p=probabilities[key]))
+        return int(rng.choice(n, p=seeding.values[key]))
 
     def random_conversations(self, n: int, seed: int) -> tuple[list[list[ChatMessage]], list[str]]:
         """The random API's prompts and their public fallbacks (a template from the attributes)."""
@@ -496,14 +519,10 @@ class LLMDescriptionGenerator:
     # -- helpers ---------------------------------------------------------------------------
     def _run(self, api: str, requests: list[_Request], seed: int) -> list[str]:
         """Generate, clean, regenerate junk once (a derived seed), fall back, and record the counts."""
-        min_words = self.settings.junk_min_words
         keys = [f"{api}/{seed}/{i}" for i in range(len(requests))]
         answers = self._generate(requests, keys, seed, api)
         cleaned = [clean_description(a) for a in answers]
-        reasons = [
-            junk_reason(c, min_words=min_words, instructions=r.instructions)
-            for c, r in zip(cleaned, requests, strict=True)
-        ]
+        reasons = [self._junk(c, r) for c, r in zip(cleaned, requests, strict=True)]
         junk = [i for i, why in enumerate(reasons) if why is not None]
         retried: list[int] = []
         if junk and self.settings.regenerate_junk:
@@ -516,7 +535,7 @@ class LLMDescriptionGenerator:
             )
             for i, answer in zip(junk, again, strict=True):
                 text = clean_description(answer)
-                if junk_reason(text, min_words=min_words, instructions=requests[i].instructions) is None:
+                if self._junk(text, requests[i]) is None:
                     cleaned[i] = text
                 else:
                     cleaned[i] = None
@@ -534,6 +553,19 @@ class LLMDescriptionGenerator:
             reasons=[why for why in reasons if why is not None],
         )
         return out
+
+    def _junk(self, text: str | None, request: _Request) -> str | None:
+        """:func:`junk_reason`, plus ``ignored_attributes`` for a random answer that names too few
+        of the attribute values its prompt asked for."""
+        why = junk_reason(text, min_words=self.settings.junk_min_words, instructions=request.instructions)
+        share = self.settings.min_attribute_share
+        if why is None and text and request.attributes and share > 0:
+            from spti.seeding import matched_values
+
+            named = sum(matched_values(text, request.attributes, self.prompts))
+            if named < share * len(request.attributes):
+                why = "ignored_attributes"
+        return why
 
     def _few_shot(self) -> list[ChatMessage]:
         messages: list[ChatMessage] = []

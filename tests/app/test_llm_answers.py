@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
+import numpy as np
 import pytest
 
 from spti.prompts import load_prompt_set
@@ -138,8 +139,11 @@ class ReplayLLM:
 GOOD = "A cosy attic bedroom with a low platform bed, a navy blue duvet, grey pillows and a patterned red rug."
 
 
-def _generator(llm: ReplayLLM, **kw) -> LLMDescriptionGenerator:
-    settings = VariationSettings(word_count_std=0, min_words=10, min_answer_words=8)
+def _generator(llm: ReplayLLM, *, min_attribute_share: float = 0.0, **kw) -> LLMDescriptionGenerator:
+    # the attribute check is off here (GOOD names none of the drawn values); tested on its own below
+    settings = VariationSettings(
+        word_count_std=0, min_words=10, min_answer_words=8, min_attribute_share=min_attribute_share
+    )
     return LLMDescriptionGenerator(llm, load_prompt_set("bedrooms"), settings, **kw)
 
 
@@ -174,6 +178,39 @@ def test_random_junk_falls_back_to_an_attribute_template() -> None:
     out = gen.random(2, seed=3)
     assert out == [fallbacks[0], GOOD]
     assert gen.stats.random_junk == 1 and gen.stats.random_fallbacks == 1 and gen.stats.regenerated == 1
+
+
+def test_random_answer_that_ignores_its_attributes_is_regenerated_then_templated() -> None:
+    ps = load_prompt_set("bedrooms")
+    probe = _generator(ReplayLLM(), min_attribute_share=0.5)
+    _, fallbacks = probe.random_conversations(2, seed=4)
+    asked = [r.attributes for r in probe._random_requests(2, seed=4)]
+    assert all(len(a) == ps.attributes_per_prompt for a in asked)
+    follows = f"A bright bedroom {asked[1][0][1]} and {asked[1][1][1]}, seen from the doorway in soft daylight."
+    ignores = "A cosy attic bedroom, seen from the doorway, full of soft daylight and quiet charm."
+    llm = ReplayLLM([ignores, follows], [ignores])
+    gen = _generator(llm, min_attribute_share=0.5)
+    assert gen.random(2, seed=4) == [fallbacks[0], follows]
+    assert gen.stats.junk_reasons == {"ignored_attributes": 1} and gen.stats.random_fallbacks == 1
+    # the template fallback names every value it was asked for
+    assert all(v in fallbacks[0] for _, v in asked[0])
+    # variation answers are not held to attributes (they vary them on purpose)
+    assert _generator(ReplayLLM([ignores]), min_attribute_share=1.0).vary([GOOD], 0.5, seed=1) == [ignores]
+
+
+def test_conditioned_prompts_name_keys_as_often_as_the_private_captions_do() -> None:
+    ps = load_prompt_set("bedrooms")
+    pairs = ps.all_attributes()
+    histogram = np.zeros(len(pairs))
+    histogram[pairs.index(("wall_colour", "with navy blue walls"))] = 100.0  # every caption names a wall
+    histogram[pairs.index(("bed", "with a king-size bed"))] = 50.0  # half of them a bed
+    gen = _generator(ReplayLLM())
+    gen.condition(histogram)
+    asked = [dict(r.attributes) for r in gen._random_requests(400, seed=2)]
+    assert sum("wall_colour" in a for a in asked) == 400
+    assert 0.4 < sum("bed" in a for a in asked) / 400 < 0.6
+    assert sum(len(a) for a in asked) / 400 < 1.7  # keys no caption mentions are not asked for
+    assert sum(a["wall_colour"] == "with navy blue walls" for a in asked) / 400 > 0.75
 
 
 def test_stats_persist_and_a_rerun_call_overwrites(tmp_path) -> None:

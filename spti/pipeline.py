@@ -497,7 +497,12 @@ def evolve_stage(
     atomic_write_jsonl(captions_path, rows)
     run.record_private_endpoints("evolve", _sent(models, "text_embedding", "image_features"))
     privacy = privacy_statement(
-        cfg, run, result, generation=generator.stats.as_dict(), captions_sha256=file_sha256(captions_path)
+        cfg,
+        run,
+        result,
+        # counts, and why answers were junk (e.g. junk_blanks, junk_ignored_attributes)
+        generation=generator.stats.as_dict() | {f"junk_{k}": v for k, v in generator.stats.junk_reasons.items()},
+        captions_sha256=file_sha256(captions_path),
     )
     atomic_write_json(run.release / "privacy.json", privacy)
     run.share_release()

@@ -132,6 +132,10 @@ def test_seeding_population_auto_and_round_metrics(faces: Path, tmp_path: Path) 
     assert "population auto:" in result.output and "DP count of privacy units" in result.output
     privacy = json.loads((out / "release" / "privacy.json").read_text())
     assert privacy["seeding"]["used"] and privacy["population"]["mode"] == "auto"
+    generation = privacy["generation_fallbacks"]
+    reasons = {k: v for k, v in generation.items() if k.startswith("junk_")}
+    # the tiny random LLM writes junk: each reason is counted, and they add up to the junk counts
+    assert sum(reasons.values()) == generation["random_junk"] + generation["vary_junk"] > 0
     ledger = PrivacyLedger.load(out / "state" / "pe" / "ledger.json")
     assert ledger.names()[:2] == ["unit_count", "seeding"]
     assert (out / "state" / "pe" / "seeding.npz").exists()

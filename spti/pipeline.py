@@ -279,7 +279,7 @@ def _private_votes(
             return PrivateVotes(np.load(cache, mmap_mode="r"), units, captions)
         if cfg.model_spec("text_embedding").provider == "openai":
             reporter.warn(f"private captions will be sent to {models.endpoint_of('text_embedding')} for embedding")
-        from spti.text_evolution import TextVoteSpace
+        from spti.vote_spaces import TextVoteSpace
 
         with reporter.progress("embed private captions", len(rows)) as advance:
             emb = TextVoteSpace(models.text_embedder).embed(captions)
@@ -384,13 +384,8 @@ def evolve_stage(
 ) -> list[dict[str, Any]]:
     from private_evolution import BudgetExceededError, PrivacyPlanError, PrivateEvolution, RunStateError
     from spti.release import check_release_matches, file_sha256, privacy_statement, release_rows
-    from spti.text_evolution import (
-        FeatureCache,
-        LLMDescriptionGenerator,
-        RenderedVoteSpace,
-        TextVoteSpace,
-        VariationSettings,
-    )
+    from spti.text_evolution import LLMDescriptionGenerator, VariationSettings
+    from spti.vote_spaces import FeatureCache, RenderedVoteSpace, TextVoteSpace
 
     state = run.state / "pe"
     # A release on disk belongs to one ledger: never start a new one beside it.
@@ -553,7 +548,7 @@ class _ReleasePlan:
 
 def _release_plan(cfg: RunConfig, run: RunDirectory) -> _ReleasePlan:
     """Release the very renders the private images voted for when they exist and fit the release settings."""
-    from spti.text_evolution import VoteRenderSpec
+    from spti.vote_spaces import VoteRenderSpec
 
     if cfg.voting != "image":
         return _ReleasePlan("rerender", "text voting renders nothing before the release")
@@ -679,7 +674,7 @@ def _vote_renders(spec: Any, render_dir: Path, texts: list[str], models: Any) ->
     """The kept vote render (PNG bytes) of each text; a missing one is drawn again exactly as it was voted
     on (vote generator, size, steps, guidance, first vote seed) and kept. Returns the bytes and how many
     were drawn again."""
-    from spti.text_evolution import render_seed
+    from spti.vote_spaces import render_seed
 
     paths = [render_dir / f"{spec.render_key(t)}.png" for t in texts]
     missing = [j for j, p in enumerate(paths) if not p.exists()]

@@ -25,7 +25,7 @@ from spti.config import ROLE_FIELDS, RunConfig
 from spti.errors import SptiError
 
 HOSTED_HOSTS = frozenset({"api.openai.com"})
-# How the pipeline batches embedding requests (spti.text_evolution.TextVoteSpace: 256 texts per
+# How the pipeline batches embedding requests (spti.vote_spaces.TextVoteSpace: 256 texts per
 # embed call; spti.backends.openai.embeddings.OpenAITextEmbedder: 64 texts per request).
 EMBED_CALL = 256
 EMBED_REQUEST = 64

@@ -229,7 +229,7 @@ def _hosted_endpoint(base_url: str | None) -> str:
 
 def _junk_in_release(result: PEResult[str], cfg: RunConfig) -> dict[str, int]:
     """Released texts that the junk check would reject (blanks left, refusals, echoes…), by reason."""
-    from spti.text_evolution import junk_reason
+    from spti.llm_answers import junk_reason
 
     counts: dict[str, int] = {}
     for text in result.samples:

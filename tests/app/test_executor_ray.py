@@ -204,7 +204,7 @@ import json, os, sys, time
 from pathlib import Path
 
 from spti.executors import proxies
-from spti.text_evolution import FeatureCache
+from spti.vote_spaces import FeatureCache
 
 log = open(os.environ["RENDER_LOG"], "a")
 generate = proxies.ImageGeneratorProxy.generate

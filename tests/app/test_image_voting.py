@@ -27,7 +27,7 @@ from spti.cli import app
 from spti.config import resolve_config
 from spti.testing import tiny_vision
 from spti.testing.example_images import write_example_folder
-from spti.text_evolution import FeatureCache, RenderedVoteSpace, VoteRenderSpec, feature_input, render_seed
+from spti.vote_spaces import FeatureCache, RenderedVoteSpace, VoteRenderSpec, feature_input, render_seed
 
 runner = CliRunner()
 

@@ -844,6 +844,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         llm.answers.update(json.loads(cache_file.read_text()))
         say(f"answer cache: {len(llm.answers)} answers from {cache_file}")
 
+    def save_answers() -> None:
+        if cache_file is not None:
+            tmp = cache_file.with_suffix(".tmp")
+            tmp.write_text(json.dumps(llm.answers))
+            tmp.replace(cache_file)
+
     t = time.perf_counter()
     private_texts, private_attrs = private_set(sizes.num_private, args.seed)
     private_dist = distributions(private_texts)
@@ -964,6 +970,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             }
         )
         emit({"bench": "quality_text", "row": variant.name, "mean_tv": [r["mean_tv"] for r in runs]})
+        save_answers()  # after every row, so a crashed run's answers are not lost
 
     total = time.perf_counter() - t_start
     prior_tv = rows[0]["runs"][0]["mean_tv"]
@@ -1007,8 +1014,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "rows": rows,
     }
     report["table"] = table(report)
-    if cache_file is not None:
-        cache_file.write_text(json.dumps(llm.answers))
+    save_answers()
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")

@@ -657,6 +657,7 @@ def evaluate(
     space: Any,
     junk_instructions: frozenset,
     junk_min_words: int,
+    template_prefix: str = "a photo of a bedroom",
 ) -> dict[str, Any]:
     from spti.metrics import frechet_distance_features
     from spti.text_evolution import junk_reason
@@ -674,7 +675,10 @@ def evaluate(
         "distinct_share": len(set(texts)) / max(len(texts), 1),
         "mean_words": float(np.mean([len(t.split()) for t in texts])) if texts else 0.0,
         "blue_wall_share": dist["wall"].get("blue", 0.0),
+        # the random API's attribute-template fallback ("a photo of a bedroom with ..."), not LLM prose
+        "template_share": sum(t.startswith(f"{template_prefix} ") for t in texts) / max(len(texts), 1),
         "dist": dist,
+        "texts": list(texts),
     }
 
 
@@ -886,7 +890,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         )
 
     def measure(texts: Sequence[str], min_words: int) -> dict[str, Any]:
-        return evaluate(texts, private_dist, private_emb, space, instructions, min_words)
+        return evaluate(texts, private_dist, private_emb, space, instructions, min_words, ps.subject)
 
     # Random prior: no PE, generator.random(num_samples) with the seed PE's first round uses (so its
     # answers are shared with every run's round 0); its spread over disjoint draws of the same size.
@@ -1026,8 +1030,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
 def table(report: dict[str, Any]) -> str:
     lines = [
         "| configuration | ε | σ | runs | mean TV (min–max) | prior / mean TV | FD (MiniLM) | junk | distinct "
-        "| blue walls |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| templates | blue walls |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in report["rows"]:
         tv, fd, junk = row["mean_tv"], row["fd"], row["junk_share"]
@@ -1038,13 +1042,14 @@ def table(report: dict[str, Any]) -> str:
             f"{'—' if row['sigma'] is None else format(row['sigma'], '.3g')} | {tv['n']} | {tv['mean']:.3f}{rng} | "
             f"{row['tv_ratio_vs_prior']:.2f}× | {fd['mean']:.3f} | {junk['mean']:.2f} | "
             f"{np.mean([r['distinct_share'] for r in runs]):.2f} | "
+            f"{np.mean([r.get('template_share', 0.0) for r in runs]):.2f} | "
             f"{np.mean([r['blue_wall_share'] for r in runs]):.2f} |"
         )
     p, f = report["private"]["dist"], report["private_resample_floor"]
     n = report["sizes"]["num_samples"]
     lines.append(
         f"| fresh private captions, n = {n} (estimator floor) | — | — | {f['n']} | {f['mean']:.3f} "
-        f"({f['min']:.3f}–{f['max']:.3f}) | — | — | — | — | {p['wall'].get('blue', 0.0):.2f} (all) |"
+        f"({f['min']:.3f}–{f['max']:.3f}) | — | — | — | — | — | {p['wall'].get('blue', 0.0):.2f} (all) |"
     )
     return "\n".join(lines)
 

@@ -77,7 +77,8 @@ def test_tiny_run_end_to_end_with_real_models(bench, tmp_path: Path) -> None:
     if bench.smollm2_gguf() is None or bench.minilm_dir() is None:
         pytest.skip("model files not found in the installed packages")
     out = tmp_path / "quality.json"
-    report = bench.main(["--tiny", "--quiet", "--output", str(out)])
+    cache = tmp_path / "answers.json"
+    report = bench.main(["--tiny", "--quiet", "--output", str(out), "--answer-cache", str(cache)])
     saved = json.loads(out.read_text())
     assert saved["tiny"] is True and saved["machine"]
     names = [row["name"] for row in saved["rows"]]
@@ -87,6 +88,10 @@ def test_tiny_run_end_to_end_with_real_models(bench, tmp_path: Path) -> None:
     for row in saved["rows"]:
         for run in row["runs"]:
             assert 0.0 <= run["mean_tv"] <= 1.0 and run["fd"] >= 0.0 and 0.0 <= run["junk_share"] <= 1.0
+            assert 0.0 <= run["template_share"] <= 1.0 and len(run["texts"]) >= 1
+    # every answer the run generated is in the cache file, for a rerun to reuse
+    misses = int(report["speedups"]["answer_cache"].split(" hits, ")[1].split(" misses")[0])
+    assert len(json.loads(cache.read_text())) == misses >= 1
     # the first-line cleaning of before lets junk through that spti's cleaning catches or regenerates
     for row in saved["rows"][1:]:
         assert row["details"][0]["generation"]["vary_requested"] >= 1

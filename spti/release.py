@@ -132,6 +132,12 @@ def privacy_statement(
     junk = _junk_in_release(result, cfg)
     if junk:
         warnings.append(f"{sum(junk.values())} released descriptions look like junk LLM answers ({junk})")
+    templates = _templates_in_release(result, cfg)
+    if templates:
+        warnings.append(
+            f"{templates} of {len(result.samples)} released descriptions are the attribute template "
+            "(the LLM ignored what its prompt asked for; a stronger LLM writes prose instead)"
+        )
     fallbacks = sum(v for k, v in generation.items() if k.endswith("fallbacks"))
     if fallbacks:
         warnings.append(f"{fallbacks} LLM answers were unusable and replaced by public fallbacks")
@@ -237,6 +243,19 @@ def _junk_in_release(result: PEResult[str], cfg: RunConfig) -> dict[str, int]:
         if reason is not None:
             counts[reason] = counts.get(reason, 0) + 1
     return counts
+
+
+def _templates_in_release(result: PEResult[str], cfg: RunConfig) -> int:
+    """Released texts that are the random API's attribute template, not LLM prose (post-processing)."""
+    from spti.errors import SptiError
+    from spti.prompts import load_prompt_set
+    from spti.text_evolution import is_attribute_template
+
+    try:
+        prompts = load_prompt_set(cfg.domain)
+    except SptiError:
+        return 0
+    return sum(is_attribute_template(text, prompts) for text in result.samples)
 
 
 def _candidates_per_round(result: PEResult[str]) -> int:

@@ -62,6 +62,7 @@ __all__ = [
     "clean_description",
     "feature_input",
     "instruction_ngrams",
+    "is_attribute_template",
     "junk_reason",
     "mask_words",
     "native_size",
@@ -213,6 +214,15 @@ class GenerationStats:
             "vary_fallbacks": self.vary_fallbacks,
             "regenerated": self.regenerated,
         }
+
+
+def is_attribute_template(text: str, prompts: PromptSet) -> bool:
+    """Whether ``text`` is the random API's public fallback: the subject and attribute values, joined."""
+    prefix = f"{prompts.subject} "
+    if not text.startswith(prefix):
+        return False
+    values = {value for _, value in prompts.all_attributes()}
+    return all(part in values for part in text[len(prefix) :].split(", "))
 
 
 @dataclass

@@ -198,6 +198,16 @@ def test_random_answer_that_ignores_its_attributes_is_regenerated_then_templated
     assert _generator(ReplayLLM([ignores]), min_attribute_share=1.0).vary([GOOD], 0.5, seed=1) == [ignores]
 
 
+def test_attribute_templates_are_recognised() -> None:
+    from spti.text_evolution import is_attribute_template
+
+    ps = load_prompt_set("bedrooms")
+    _, fallbacks = _generator(ReplayLLM()).random_conversations(5, seed=7)
+    assert all(is_attribute_template(f, ps) for f in fallbacks)
+    assert not is_attribute_template(GOOD, ps)
+    assert not is_attribute_template(f"{ps.subject} with pale blue walls, and a cat asleep on the bed", ps)
+
+
 def test_conditioned_prompts_name_keys_as_often_as_the_private_captions_do() -> None:
     ps = load_prompt_set("bedrooms")
     pairs = ps.all_attributes()

@@ -136,6 +136,18 @@ def test_seeding_population_auto_and_round_metrics(faces: Path, tmp_path: Path) 
     reasons = {k: v for k, v in generation.items() if k.startswith("junk_")}
     # the tiny random LLM writes junk: each reason is counted, and they add up to the junk counts
     assert sum(reasons.values()) == generation["random_junk"] + generation["vary_junk"] > 0
+    # released attribute templates are counted in a warning (a reviewer sees how much is not LLM prose)
+    from spti.prompts import load_prompt_set
+    from spti.text_evolution import is_attribute_template
+
+    released = [json.loads(line)["text"] for line in (out / "release" / "captions.jsonl").read_text().splitlines()]
+    import tomllib
+
+    domain = tomllib.loads((out / "config.toml").read_text()).get("domain", "generic")
+    templates = sum(is_attribute_template(t, load_prompt_set(domain)) for t in released)
+    said = [w for w in privacy["warnings"] if "attribute template" in w]
+    assert templates > 0  # the tiny random LLM never follows its prompt
+    assert len(said) == 1 and said[0].startswith(f"{templates} of {len(released)} released descriptions")
     ledger = PrivacyLedger.load(out / "state" / "pe" / "ledger.json")
     assert ledger.names()[:2] == ["unit_count", "seeding"]
     assert (out / "state" / "pe" / "seeding.npz").exists()

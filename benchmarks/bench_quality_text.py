@@ -780,7 +780,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.repeats = 1
         args.epsilons = ["8"]
         args.ab_epsilon = args.dp_ab_epsilon = 8.0
-        args.rows = [r for r in args.rows if r in ("cleaning_off", "seeding_none")]
+        args.rows = ["cleaning_off", "seeding_none"]
     sizes = TINY if args.tiny else FULL
     sizes = replace(sizes, **{f: getattr(args, f) for f in sizes.__dataclass_fields__ if getattr(args, f, None)})
     args.auto_bound = args.auto_bound or 2 * sizes.kept

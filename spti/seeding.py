@@ -110,6 +110,7 @@ class AttributeMatcher:
     def __init__(self, prompts: PromptSet) -> None:
         self.prompts = prompts
         self.pairs = prompts.all_attributes()
+        self._column = {pair: j for j, pair in enumerate(self.pairs)}
         subject = core_words(prompts.subject)
         subject_noun = {subject[-1]} if subject else set()
         self._keys: dict[str, list[_Value]] = {}
@@ -153,6 +154,13 @@ class AttributeMatcher:
             return 0.0  # the noun alone: every value about it ties
         return -1.0
 
+    def mentions(self, text: str, pairs: Sequence[tuple[str, str]]) -> list[bool]:
+        """For each (key, value) of ``pairs``, whether ``text`` mentions it."""
+        if not pairs:
+            return []
+        row = self.row(text)
+        return [bool(row[self._column[pair]]) for pair in pairs]
+
     def row(self, caption: str) -> np.ndarray:
         """The row of ``caption`` over ``prompts.all_attributes()``: per mentioned key, 1 shared
         equally by its winning values."""
@@ -191,6 +199,15 @@ def value_probabilities(
     share stays uniform so that values the private data did not mention can still be proposed
     (and a key no caption mentions falls back to uniform).
     """
+    out: dict[str, np.ndarray] = {}
+    for key, h in _per_key(histogram, prompts).items():
+        uniform = np.full(len(h), 1.0 / len(h))
+        out[key] = uniform if h.sum() <= 0 else (1 - uniform_mix) * h / h.sum() + uniform_mix * uniform
+    return out
+
+
+def _per_key(histogram: np.ndarray, prompts: PromptSet) -> dict[str, np.ndarray]:
+    """The noisy histogram cut into one slice per key (negative noisy counts as 0)."""
     pairs = prompts.all_attributes()
     hist = np.clip(np.asarray(histogram, dtype=np.float64), 0.0, None)
     if hist.shape != (len(pairs),):
@@ -198,10 +215,8 @@ def value_probabilities(
     out: dict[str, np.ndarray] = {}
     start = 0
     for key, values in prompts.attributes.items():
-        h = hist[start : start + len(values)]
+        out[key] = hist[start : start + len(values)]
         start += len(values)
-        uniform = np.full(len(values), 1.0 / len(values))
-        out[key] = uniform if h.sum() <= 0 else (1 - uniform_mix) * h / h.sum() + uniform_mix * uniform
     return out
 
 
@@ -223,21 +238,7 @@ class SeedingDraws:
 def seeding_draws(histogram: np.ndarray, prompts: PromptSet, *, uniform_mix: float = 0.2) -> SeedingDraws:
     """Value and key-mention probabilities for the random API from a noisy seeding histogram."""
     values = value_probabilities(histogram, prompts, uniform_mix=uniform_mix)
-    hist = np.clip(np.asarray(histogram, dtype=np.float64), 0.0, None)
-    mass: dict[str, float] = {}
-    start = 0
-    for key, options in prompts.attributes.items():
-        mass[key] = float(hist[start : start + len(options)].sum())
-        start += len(options)
+    mass = {key: float(h.sum()) for key, h in _per_key(histogram, prompts).items()}
     top = max(mass.values(), default=0.0)
     mention = {key: (m / top if top > 0 else 1.0) for key, m in mass.items()}
     return SeedingDraws(values=values, mention=mention)
-
-
-def matched_values(text: str, pairs: Sequence[tuple[str, str]], prompts: PromptSet) -> list[bool]:
-    """For each (key, value) of ``pairs``, whether ``text`` mentions it (the seeding vote's matcher)."""
-    if not pairs:
-        return []
-    row = AttributeMatcher(prompts).row(text)
-    index = {pair: j for j, pair in enumerate(prompts.all_attributes())}
-    return [bool(row[index[pair]]) for pair in pairs]

@@ -18,6 +18,7 @@ Cleaning and junk detection live in :mod:`spti.llm_answers`, the voting spaces i
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -26,7 +27,7 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from private_evolution.files import open_private_append, recover_jsonl
 from private_evolution.population import derive_seed
 from spti.backends.base import ChatMessage, TextGenerator
 from spti.llm_answers import clean_description, instruction_ngrams, junk_reason, mask_words
+from spti.prompts import PromptSet
 
 # Re-exported: the voting spaces lived here before this module was split along its seams.
 from spti.vote_spaces import (
@@ -48,6 +50,9 @@ from spti.vote_spaces import (
     normalize_rows,
     render_seed,
 )
+
+if TYPE_CHECKING:
+    from spti.seeding import AttributeMatcher
 
 __all__ = [
     "FEATURE_RESIZE",
@@ -69,7 +74,6 @@ __all__ = [
     "normalize_rows",
     "render_seed",
 ]
-from spti.prompts import PromptSet
 
 
 @dataclass(frozen=True)
@@ -401,12 +405,17 @@ class LLMDescriptionGenerator:
         why = junk_reason(text, min_words=self.settings.junk_min_words, instructions=request.instructions)
         share = self.settings.min_attribute_share
         if why is None and text and request.attributes and share > 0:
-            from spti.seeding import matched_values
-
-            named = sum(matched_values(text, request.attributes, self.prompts))
+            named = sum(self._matcher.mentions(text, request.attributes))
             if named < share * len(request.attributes):
                 why = "ignored_attributes"
         return why
+
+    @functools.cached_property
+    def _matcher(self) -> AttributeMatcher:
+        """The seeding vote's matcher, built once per generator (the attribute check reads every random answer)."""
+        from spti.seeding import AttributeMatcher
+
+        return AttributeMatcher(self.prompts)
 
     def _few_shot(self) -> list[ChatMessage]:
         messages: list[ChatMessage] = []

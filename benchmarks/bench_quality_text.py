@@ -802,7 +802,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from private_evolution import PrivateEvolution
     from private_evolution.population import derive_seed
     from spti.backends.local.text import SentenceTransformerEmbedder
-    from spti.pipeline import pe_config
+    from spti.pipeline import pe_config, variation_settings
     from spti.prompts import load_prompt_set
     from spti.seeding import attribute_affinities
     from spti.text_evolution import LLMDescriptionGenerator, TextVoteSpace, VariationSettings, instruction_ngrams
@@ -876,17 +876,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
 
     def settings_for(cfg: Any) -> Any:
-        return VariationSettings(
-            word_count_std=cfg.word_count_std,
-            min_words=cfg.min_words,
-            max_words=cfg.max_words,
-            rephrase_fraction=cfg.rephrase_fraction,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            min_attribute_share=cfg.min_attribute_share,
-            seeding_uniform_mix=cfg.seeding_uniform_mix,
-            max_new_tokens_limit=sizes.max_new_tokens,
-            random_max_new_tokens=sizes.random_max_new_tokens,
+        return variation_settings(
+            cfg, max_new_tokens_limit=sizes.max_new_tokens, random_max_new_tokens=sizes.random_max_new_tokens
         )
 
     def measure(texts: Sequence[str], min_words: int) -> dict[str, Any]:

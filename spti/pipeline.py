@@ -346,6 +346,24 @@ def seeding_active(cfg: RunConfig) -> bool:
     return cfg.seeding == "attributes" and cfg.voting == "text" and cfg.seeding_share > 0
 
 
+def variation_settings(cfg: RunConfig, **extra: Any) -> Any:
+    """The LLM APIs' :class:`~spti.text_evolution.VariationSettings` of a run (``extra``: fields a run
+    config does not hold, e.g. a benchmark's token caps)."""
+    from spti.text_evolution import VariationSettings
+
+    return VariationSettings(
+        word_count_std=cfg.word_count_std,
+        min_words=cfg.min_words,
+        max_words=cfg.max_words,
+        rephrase_fraction=cfg.rephrase_fraction,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        min_attribute_share=cfg.min_attribute_share,
+        seeding_uniform_mix=cfg.seeding_uniform_mix,
+        **extra,
+    )
+
+
 def pe_config(cfg: RunConfig) -> Any:
     from private_evolution import PEConfig
 
@@ -384,7 +402,7 @@ def evolve_stage(
 ) -> list[dict[str, Any]]:
     from private_evolution import BudgetExceededError, PrivacyPlanError, PrivateEvolution, RunStateError
     from spti.release import check_release_matches, file_sha256, privacy_statement, release_rows
-    from spti.text_evolution import LLMDescriptionGenerator, VariationSettings
+    from spti.text_evolution import LLMDescriptionGenerator
     from spti.vote_spaces import FeatureCache, RenderedVoteSpace, TextVoteSpace
 
     state = run.state / "pe"
@@ -415,16 +433,7 @@ def evolve_stage(
     generator = LLMDescriptionGenerator(
         models.llm,
         _prompts(cfg),
-        VariationSettings(
-            word_count_std=cfg.word_count_std,
-            min_words=cfg.min_words,
-            max_words=cfg.max_words,
-            rephrase_fraction=cfg.rephrase_fraction,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            min_attribute_share=cfg.min_attribute_share,
-            seeding_uniform_mix=cfg.seeding_uniform_mix,
-        ),
+        variation_settings(cfg),
         # per-call counts on disk, so privacy.json sums fallbacks over every process of the run
         stats_path=run.state / "llm_stats.jsonl",
     )

@@ -13,6 +13,8 @@ import hashlib
 import json
 import math
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,15 +131,8 @@ def privacy_statement(
         warnings.insert(0, "epsilon is infinite: this release is NOT differentially private")
     if result.delta > 1e-5 and private:
         warnings.append(f"delta={result.delta:.3g} is larger than 1e-5")
-    junk = _junk_in_release(result, cfg)
-    if junk:
-        warnings.append(f"{sum(junk.values())} released descriptions look like junk LLM answers ({junk})")
-    templates = _templates_in_release(result, cfg)
-    if templates:
-        warnings.append(
-            f"{templates} of {len(result.samples)} released descriptions are the attribute template "
-            "(the LLM ignored what its prompt asked for; a stronger LLM writes prose instead)"
-        )
+    released = inspect_released_texts(result.samples, cfg)
+    warnings.extend(released.warnings())
     fallbacks = sum(v for k, v in generation.items() if k.endswith("fallbacks"))
     if fallbacks:
         warnings.append(f"{fallbacks} LLM answers were unusable and replaced by public fallbacks")
@@ -192,7 +187,8 @@ def privacy_statement(
         "models": _model_routes(cfg),
         "not_dp": NOT_DP,
         "generation_fallbacks": generation,
-        "junk_in_release": junk,
+        "junk_in_release": released.junk,
+        "attribute_templates_in_release": released.templates,
         "warnings": warnings,
         "captions_sha256": captions_sha256,
         "versions": _versions(),
@@ -233,21 +229,44 @@ def _hosted_endpoint(base_url: str | None) -> str:
     return describe_endpoint(base_url)
 
 
-def _junk_in_release(result: PEResult[str], cfg: RunConfig) -> dict[str, int]:
-    """Released texts that the junk check would reject (blanks left, refusals, echoes…), by reason."""
+@dataclass(frozen=True)
+class ReleasedTexts:
+    """What the released texts are, read from the texts alone (post-processing, no privacy cost)."""
+
+    count: int
+    junk: dict[str, int]  # texts the junk check would reject (blanks left, refusals, echoes…), by reason
+    templates: int  # texts that are the random API's attribute template rather than LLM prose
+
+    def warnings(self) -> list[str]:
+        out = []
+        if self.junk:
+            out.append(f"{sum(self.junk.values())} released descriptions look like junk LLM answers ({self.junk})")
+        if self.templates:
+            out.append(
+                f"{self.templates} of {self.count} released descriptions are the attribute template "
+                "(the LLM ignored what its prompt asked for; a stronger LLM writes prose instead)"
+            )
+        return out
+
+
+def inspect_released_texts(texts: Sequence[str], cfg: RunConfig) -> ReleasedTexts:
+    """Count junk and attribute templates among ``texts`` for ``cfg``'s domain and word floor."""
+    junk, templates = _junk_in_release(texts, cfg), _templates_in_release(texts, cfg)
+    return ReleasedTexts(count=len(texts), junk=junk, templates=templates)
+
+
+def _junk_in_release(texts: Sequence[str], cfg: RunConfig) -> dict[str, int]:
     from spti.llm_answers import junk_reason
 
     counts: dict[str, int] = {}
-    for text in result.samples:
+    for text in texts:
         reason = junk_reason(text, min_words=max(1, cfg.min_words // 2))
         if reason is not None:
             counts[reason] = counts.get(reason, 0) + 1
     return counts
 
 
-def _templates_in_release(result: PEResult[str], cfg: RunConfig) -> int:
-    """Released texts that are the random API's attribute template, not LLM prose (post-processing)."""
-    from spti.errors import SptiError
+def _templates_in_release(texts: Sequence[str], cfg: RunConfig) -> int:
     from spti.prompts import load_prompt_set
     from spti.text_evolution import is_attribute_template
 
@@ -255,7 +274,7 @@ def _templates_in_release(result: PEResult[str], cfg: RunConfig) -> int:
         prompts = load_prompt_set(cfg.domain)
     except SptiError:
         return 0
-    return sum(is_attribute_template(text, prompts) for text in result.samples)
+    return sum(is_attribute_template(text, prompts) for text in texts)
 
 
 def _candidates_per_round(result: PEResult[str]) -> int:

@@ -146,8 +146,14 @@ def test_seeding_population_auto_and_round_metrics(faces: Path, tmp_path: Path) 
     domain = tomllib.loads((out / "config.toml").read_text()).get("domain", "generic")
     templates = sum(is_attribute_template(t, load_prompt_set(domain)) for t in released)
     said = [w for w in privacy["warnings"] if "attribute template" in w]
-    assert templates > 0  # the tiny random LLM never follows its prompt
-    assert len(said) == 1 and said[0].startswith(f"{templates} of {len(released)} released descriptions")
+    # How many there are depends on the noisy votes and on how many attributes the noisy seeding asked
+    # for (a prompt that asks for none falls back to the bare subject, not a template); the count in the
+    # warning must match the release either way. tests/app/test_release_warnings.py pins the counting.
+    assert privacy["attribute_templates_in_release"] == templates
+    if templates:
+        assert len(said) == 1 and said[0].startswith(f"{templates} of {len(released)} released descriptions")
+    else:
+        assert said == []
     ledger = PrivacyLedger.load(out / "state" / "pe" / "ledger.json")
     assert ledger.names()[:2] == ["unit_count", "seeding"]
     assert (out / "state" / "pe" / "seeding.npz").exists()

@@ -6,13 +6,15 @@ here; numpy, torch and the models load when the command runs, so ``spti --help``
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
+from spti.cli_options import one_line_errors
+
+_one_line_errors = one_line_errors("interrupted; the audit wrote nothing new")
 
 EPILOG = (
     "Examples:\n\n"
@@ -22,25 +24,6 @@ EPILOG = (
     "Results read the private data and are NOT differentially private: they are written to "
     "RUN_DIR/private/audit.json and audit.html (owner only). Never share them."
 )
-
-
-def _one_line_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """User errors print one line and exit 2; Ctrl-C exits 130 (as the other commands do)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from spti.errors import SptiError
-
-        try:
-            return fn(*args, **kwargs)
-        except SptiError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; the audit wrote nothing new", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper
 
 
 def parse_features(value: str) -> tuple[str, ...]:

@@ -6,15 +6,15 @@ start-up nothing; numpy, scipy and the models are imported when the command runs
 
 from __future__ import annotations
 
-import functools
 import json
-from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated
 
 import typer
 
-F = TypeVar("F", bound=Callable[..., Any])
+from spti.cli_options import one_line_errors
+
+_one_line_errors = one_line_errors("interrupted; nothing was written")
 
 _METRIC_HELP = "Comma list of: fid, fd-dinov2, fd-clip, precision-recall, clip-score, wavelet, text-fd (default: all)."
 _EPILOG = (
@@ -25,25 +25,6 @@ _EPILOG = (
     "  spti evaluate runs/faces --protocol paper --metrics fid --inception-weights inception-2015-12-05.pt\n\n"
     "  spti evaluate runs/faces --metrics wavelet,text-fd --max-images 200 --json"
 )
-
-
-def _one_line_errors(fn: F) -> F:
-    """User errors (``SptiError``) become one ``error:`` line and their exit code, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from spti.errors import SptiError
-
-        try:
-            return fn(*args, **kwargs)
-        except SptiError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            typer.echo("interrupted; nothing was written", err=True)
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
 
 
 def evaluate(

@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from spti.cli_options import ConfigOpt, PresetOpt, one_line_errors
+
 EPILOG = (
     "Examples:\n\n"
     "  spti models list --preset paper\n\n"
@@ -22,8 +24,8 @@ EPILOG = (
     "over and point HF_HOME at it."
 )
 
-PresetOpt = Annotated[str | None, typer.Option(help="smoke | quick | paper | openai | hybrid (default quick).")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file with settings.")]
+# `spti models download` fetches into the Hugging Face cache; what it finished stays there
+_run = one_line_errors("interrupted; run the command again to fetch the rest")
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object.")]
 
 models_app = typer.Typer(
@@ -63,22 +65,6 @@ def _table(cfg: Any, statuses: list[Any]) -> str:
         if s.missing and s.fetch:
             lines.append(f"  {'':<15} {'':<{width}}  {'':<10}  fetch: {s.fetch}")
     return "\n".join(lines)
-
-
-def _run(fn: Any) -> Any:
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from spti.errors import SptiError
-
-        try:
-            return fn(*args, **kwargs)
-        except SptiError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(exc.exit_code) from None
-
-    return wrapper
 
 
 @models_app.command("list", epilog=EPILOG)

@@ -93,3 +93,36 @@ def test_unknown_preset_is_one_line() -> None:
     assert result.exit_code == 2
     assert "Traceback" not in result.output
     assert "unknown preset 'fast'" in result.output and "smoke" in result.output
+
+
+@pytest.mark.parametrize("name", ["synthesize", "caption", "evolve", "render", "plan"])
+def test_every_parameter_is_a_setting_or_a_command_parameter(name: str) -> None:
+    # settings_from passes a flag to the config by its name: a flag named unlike its setting would be dropped
+    from spti.cli_options import COMMAND_PARAMETERS
+    from spti.config import FIELD_NAMES
+
+    for param in command(name).params:
+        assert param.name in FIELD_NAMES | COMMAND_PARAMETERS, f"spti {name}: {param.name} reaches no setting"
+
+
+def test_flags_reach_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    import spti.cli_plan
+
+    seen = {}
+
+    def capture(cfg, private, **kwargs):  # type: ignore[no-untyped-def]
+        seen["cfg"] = cfg
+
+    monkeypatch.setattr(spti.cli_plan, "cost_gate", capture)
+    flags = ["--num-private", "50", "--epsilon", "inf", "--variation-folds", "3", "--vote-seeds", "2"]
+    result = runner.invoke(app, ["plan", *flags, "--iterations", "4", "--preset", "smoke", "--domain", "faces"])
+    assert result.exit_code == 0, result.output
+    cfg = seen["cfg"]
+    assert (cfg.epsilon, cfg.variation_folds, cfg.vote_seeds, cfg.iterations) == (float("inf"), 3, 2, 4)
+    assert (cfg.preset, cfg.domain) == ("smoke", "faces")
+
+
+def test_the_root_flags_have_no_placeholder() -> None:
+    result = runner.invoke(app, ["--help"], env=WIDE)
+    assert result.exit_code == 0 and "--verbose" in result.output
+    assert "<bool>" not in result.output

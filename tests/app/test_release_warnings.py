@@ -14,7 +14,11 @@ def _template(*values: str) -> str:
 
 
 def test_attribute_templates_are_counted_and_named_in_one_warning() -> None:
-    texts = [_template("who is a teenager", "in their thirties"), PROSE, _template("who is elderly", "in their sixties")]
+    texts = [
+        _template("who is a teenager", "in their thirties"),
+        PROSE,
+        _template("who is elderly", "in their sixties"),
+    ]
     released = inspect_released_texts(texts, RunConfig(domain="faces"))
     assert released.templates == 2 and released.junk == {}
     (warning,) = released.warnings()

@@ -247,9 +247,7 @@ def write_report(run: RunDirectory, cfg: RunConfig, *, extra_sections: Sequence[
         cells.append(
             f"<figure>{picture}<figcaption><b>{row['index']}</b> · {html.escape(row['text'])}</figcaption></figure>"
         )
-    more = (
-        f"<p>{len(shown)} of {len(captions)} released descriptions shown.</p>" if len(captions) > len(shown) else ""
-    )
+    more = f"<p>{len(shown)} of {len(captions)} released descriptions shown.</p>" if len(captions) > len(shown) else ""
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>spti release report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1">

@@ -12,10 +12,13 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from spti.errors import SptiError
+
+if TYPE_CHECKING:
+    from spti.backends.openai.endpoints import Endpoint
 
 Preset = Literal["smoke", "quick", "paper", "openai", "hybrid"]
 PRESETS: tuple[str, ...] = ("smoke", "quick", "paper", "openai", "hybrid")
@@ -37,7 +40,9 @@ ROLE_FIELDS: dict[str, str] = {
 FIELD_ROLES: dict[str, str] = {v: k for k, v in ROLE_FIELDS.items()}
 PROVIDERS: tuple[str, ...] = ("local", "openai")
 LOCAL_ONLY_ROLES = frozenset({"upscaler", "image_features"})
-TABLE_KEYS = ("provider", "model", "base_url", "api_key_env")
+TABLE_KEYS = ("provider", "model", "base_url", "api_key_env", "endpoints")
+# the keys of a role's route: where its requests go (the model name stays in the role's field)
+ROUTE_KEYS = ("provider", "base_url", "api_key_env", "endpoints")
 _FLAGS = {
     "caption_model": "--caption-model",
     "llm_model": "--llm-model",
@@ -62,7 +67,9 @@ class ModelSpec:
 
     ``base_url`` is the role's own endpoint (``None``: the run's ``base_url``, else
     ``$OPENAI_BASE_URL``, else the OpenAI API); ``api_key_env`` the name of the environment variable
-    with its API key (``None``: ``OPENAI_API_KEY``). Never the key itself.
+    with its API key (``None``: ``OPENAI_API_KEY``). Never the key itself. ``endpoints``: a fleet
+    from the role's ``endpoints = [...]`` table, each with its own key variable and limits
+    (``Endpoint`` of :mod:`spti.backends.openai.endpoints`; ``base_url`` is then ``None``).
     """
 
     role: str
@@ -70,9 +77,15 @@ class ModelSpec:
     model: str
     base_url: str | None = None
     api_key_env: str | None = None
+    endpoints: tuple[Endpoint, ...] = ()
+
+    @property
+    def where(self) -> str | None:
+        """The role's own server root(s), comma-joined for a fleet; ``None``: the run's."""
+        return ",".join(e.base_url for e in self.endpoints) if self.endpoints else self.base_url
 
     def __str__(self) -> str:
-        return f"{self.provider}:{self.model}" + (f"@{self.base_url}" if self.base_url else "")
+        return f"{self.provider}:{self.model}" + (f"@{self.where}" if self.where else "")
 
 
 def _role_label(role: str) -> str:
@@ -129,10 +142,10 @@ def _checked_spec(spec: ModelSpec, where: str) -> ModelSpec:
             f"invalid setting: {where}: {spec.role} runs locally only (no OpenAI-compatible API for it); "
             f"drop 'openai:' and name a local model"
         )
-    if spec.provider == "local" and spec.base_url:
+    if spec.provider == "local" and spec.where:
         raise SptiError(
-            f"invalid setting: {where}: a local model has no endpoint ({spec.base_url}); "
-            f"write openai:{spec.model}@{spec.base_url} for a model served over the OpenAI protocol"
+            f"invalid setting: {where}: a local model has no endpoint ({spec.where}); "
+            f"write openai:{spec.model}@{spec.where} for a model served over the OpenAI protocol"
         )
     if spec.api_key_env is not None:
         if spec.provider == "local":
@@ -231,8 +244,9 @@ class RunConfig:
     executor: str = "local"  # local: models in this process; ray: on Ray actors (one per GPU), see spti.executors
     ray_address: str | None = None  # --executor ray: an existing cluster; None starts a local instance
     ray_workers: int | None = None  # --executor ray: actors (None: one per GPU of the cluster, else per CPU)
-    # role -> {"provider", and where given "base_url", "api_key_env"}; saved as [models.<role>] tables
-    models: dict[str, dict[str, str]] = field(default_factory=dict)
+    # role -> {"provider", and where given "base_url", "api_key_env", "endpoints" (a list of tables)};
+    # saved as [models.<role>] tables
+    models: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     # -- io --------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -259,7 +273,11 @@ class RunConfig:
             lines.append(f"model = {_toml_value(spec.model)}")
             route = self.models.get(role, {})
             if spec.provider == "openai":
-                if route.get("base_url"):
+                if route.get("endpoints"):
+                    lines.append("endpoints = [")
+                    lines.extend(f"  {_toml_value(table)}," for table in route["endpoints"])
+                    lines.append("]")
+                elif route.get("base_url"):
                     lines.append(f"base_url = {_toml_value(route['base_url'])}")
                 else:
                     lines.append("# base_url: the run's base_url ($OPENAI_BASE_URL, else https://api.openai.com/v1)")
@@ -287,17 +305,20 @@ class RunConfig:
         provider, model, base_url = parse_model_spec(value, where=where)
         route = self.models.get(role, {})
         api_key_env = route.get("api_key_env")
+        endpoints: tuple[Endpoint, ...] = ()
         if provider is None and base_url is None:  # a bare name: the route saved or given for the role
             provider, base_url = route.get("provider"), route.get("base_url")
-        if provider is None and base_url is not None:  # only openai models have an endpoint
+            endpoints = _fleet(route, where=f"[models.{role}]")
+        if provider is None and (base_url is not None or endpoints):  # only openai models have an endpoint
             provider = "openai"
         if provider is None:
             provider = "local" if model == "tiny" or role in LOCAL_ONLY_ROLES else self.provider
-        return _checked_spec(ModelSpec(role, provider, model, base_url, api_key_env), where)
+        return _checked_spec(ModelSpec(role, provider, model, base_url, api_key_env, endpoints), where)
 
     def endpoint_base_url(self, spec: ModelSpec) -> str | None:
-        """The base URL an openai role talks to: its own, else the run's ``base_url`` (None: the default)."""
-        return spec.base_url or self.base_url
+        """The base URL(s) an openai role talks to: its own (comma-joined for a fleet), else the run's
+        ``base_url`` (None: the default)."""
+        return spec.where or self.base_url
 
     def _resolve_roles(self) -> None:
         """Check every role's spec; keep bare model names in the fields and the routes in ``models``."""
@@ -312,6 +333,8 @@ class RunConfig:
                 route["base_url"] = spec.base_url
             if spec.api_key_env:
                 route["api_key_env"] = spec.api_key_env
+            if spec.endpoints:
+                route["endpoints"] = [e.as_table() for e in spec.endpoints]
             routes[role] = route
         unknown = sorted(set(self.models) - set(ROLE_FIELDS))
         if unknown:
@@ -462,6 +485,8 @@ def _toml_value(value: Any) -> str:
         return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table (an endpoint of a fleet)
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
     return repr(value)
 
 
@@ -604,6 +629,24 @@ PRESET_VALUES: dict[str, dict[str, Any]] = {
 FIELD_NAMES = frozenset(f.name for f in fields(RunConfig))
 
 
+def _fleet(table: dict[str, Any], *, where: str) -> tuple[Endpoint, ...]:
+    """The endpoints of a role's ``endpoints = [...]`` list (none without one): each entry checked,
+    and given the role's ``api_key_env`` where it names no key variable of its own."""
+    if "endpoints" not in table:
+        return ()
+    from spti.backends.openai.endpoints import parse_endpoints
+
+    try:
+        return tuple(
+            parse_endpoints(
+                table.get("base_url"), endpoints=table["endpoints"], api_key_env=table.get("api_key_env"), where=where
+            )
+        )
+    except SptiError as exc:
+        message = str(exc)
+        raise SptiError(message if where in message else f"invalid setting: {where}: {message}") from None
+
+
 def _read_model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
     """``[models.<role>]`` tables (``provider``, ``model``, ``base_url``, ``api_key_env``), checked."""
     out: dict[str, dict[str, Any]] = {}
@@ -620,7 +663,7 @@ def _read_model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
         if unknown:
             raise SptiError(f"{label}: unknown key(s) {', '.join(unknown)}; use {', '.join(TABLE_KEYS)}")
         for key, value in table.items():
-            if not isinstance(value, str):
+            if not isinstance(value, str) and key != "endpoints":
                 raise SptiError(f"{label}: {key} must be a string")
         if "model" not in table:
             raise SptiError(f'{label}: needs model = "..." (the model the role uses)')
@@ -630,9 +673,13 @@ def _read_model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
         base_url = table.get("base_url")
         if base_url is not None:
             base_url = table["base_url"] = checked_base_url(base_url, where=f"{label} base_url")
-        provider = table.get("provider") or ("openai" if base_url else None)
+        endpoints = ()
+        if "endpoints" in table:
+            endpoints = _fleet(table, where=label)
+            table["endpoints"] = [e.as_table() for e in endpoints]
+        provider = table.get("provider") or ("openai" if base_url or endpoints else None)
         if provider is not None:  # else the run's provider, checked with the run's settings
-            _checked_spec(ModelSpec(role, provider, model, base_url, table.get("api_key_env")), label)
+            _checked_spec(ModelSpec(role, provider, model, base_url, table.get("api_key_env"), endpoints), label)
         out[role] = table
     return out
 
@@ -718,7 +765,7 @@ def _merge_levels(levels: list[dict[str, Any]]) -> dict[str, Any]:
     ``[models.<role>]`` table or a ``<field> = "[provider:]model[@base_url]"`` replaces the role's
     provider, model, endpoint and key variable given below it."""
     values: dict[str, Any] = {}
-    routes: dict[str, dict[str, str]] = {}
+    routes: dict[str, dict[str, Any]] = {}
     for level in levels:
         level = dict(level)
         tables = level.pop("models", None) or {}
@@ -727,7 +774,7 @@ def _merge_levels(levels: list[dict[str, Any]]) -> dict[str, Any]:
                 routes.pop(FIELD_ROLES[field_name], None)
         for role, table in tables.items():
             level[ROLE_FIELDS[role]] = table["model"]
-            routes[role] = {k: table[k] for k in ("provider", "base_url", "api_key_env") if table.get(k)}
+            routes[role] = {k: table[k] for k in ROUTE_KEYS if table.get(k)}
         values.update(level)
     values["models"] = routes
     return values

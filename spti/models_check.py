@@ -320,6 +320,9 @@ def _hosted(cfg: RunConfig, role: str, model: str) -> ModelStatus:
     from spti.backends.openai.helpers import describe_endpoint
 
     endpoint = describe_endpoint(cfg.endpoint_base_url(spec))
+    if spec.endpoints:  # a fleet: each endpoint's own variable, else $OPENAI_API_KEY
+        variables = dict.fromkeys(f"${e.api_key_env or 'OPENAI_API_KEY'}" for e in spec.endpoints)
+        return ModelStatus(role, model, HOSTED, f"{endpoint}, keys in {', '.join(variables)} (nothing to download)")
     key = spec.api_key_env or "OPENAI_API_KEY"
     return ModelStatus(role, model, HOSTED, f"{endpoint}, key in ${key} (nothing to download)")
 

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 from spti.errors import SptiError
 
 if TYPE_CHECKING:
-    from spti.config import RunConfig
+    from spti.config import ModelSpec, RunConfig
 
 DEFAULT_KEY_ENV = "OPENAI_API_KEY"  # the key variable of openai roles that name none
 
@@ -208,6 +208,9 @@ def check_api_keys(cfg: RunConfig, roles: Sequence[str]) -> list[str]:
         spec = cfg.model_spec(role)
         if spec.provider != "openai":
             continue
+        if spec.endpoints:
+            problems.extend(_fleet_key_problems(role, spec))
+            continue
         if spec.api_key_env:
             if not os.environ.get(spec.api_key_env):
                 problems.append(
@@ -226,5 +229,28 @@ def check_api_keys(cfg: RunConfig, roles: Sequence[str]) -> list[str]:
             problems.append(
                 f"the {role} model {spec} runs on api.openai.com and needs an API key: export "
                 f"{DEFAULT_KEY_ENV}=... (or point --base-url at your own OpenAI-compatible server)"
+            )
+    return problems
+
+
+def _fleet_key_problems(role: str, spec: ModelSpec) -> list[str]:
+    """Each endpoint of a role's ``endpoints`` list has its key: its ``api_key_env`` (its own, else
+    the role's) set, or ``$OPENAI_API_KEY`` where it is api.openai.com."""
+    from spti.backends.openai.helpers import describe_endpoint
+
+    problems = []
+    for endpoint in spec.endpoints:
+        label = endpoint.name or describe_endpoint(endpoint.base_url)
+        if endpoint.api_key_env:
+            if not os.environ.get(endpoint.api_key_env):
+                problems.append(
+                    f"endpoint {label} of the {role} model reads its API key from ${endpoint.api_key_env}, "
+                    f"which is not set; export {endpoint.api_key_env}=... "
+                    f"(or change its api_key_env in [models.{role}] endpoints)"
+                )
+        elif urlsplit(endpoint.base_url).hostname == "api.openai.com" and not os.environ.get(DEFAULT_KEY_ENV):
+            problems.append(
+                f"endpoint {label} of the {role} model is api.openai.com and needs an API key: export "
+                f"{DEFAULT_KEY_ENV}=... (or name its variable with api_key_env in [models.{role}] endpoints)"
             )
     return problems

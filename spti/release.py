@@ -217,7 +217,7 @@ def _model_routes(cfg: RunConfig) -> dict[str, dict[str, Any]]:
         routes[role] = {
             "provider": spec.provider,
             "model": spec.model,
-            "endpoint": "local" if spec.provider == "local" else _hosted_endpoint(spec.base_url or cfg.base_url),
+            "endpoint": "local" if spec.provider == "local" else _hosted_endpoint(cfg.endpoint_base_url(spec)),
             "reads_private_data": role in PRIVATE_ROLES,
         }
     return routes

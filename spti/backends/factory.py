@@ -65,7 +65,7 @@ class Models:
             self.private_dir = None
         self._checked = False
         self.endpoints: dict[str, str] = {}
-        self._backends: dict[tuple[str, str], Any] = {}
+        self._backends: dict[tuple[Any, ...], Any] = {}
         self._cache: Any = None
 
     # -- helpers ---------------------------------------------------------------------------
@@ -162,11 +162,13 @@ class Models:
 
         url = self.base_url_of(spec)
         key_env = spec.api_key_env or DEFAULT_KEY_ENV
-        backend = self._backends.get((url, key_env))
+        # a fleet from an endpoints list is its own client: its entries carry their own keys and limits
+        identity = (url, spec.endpoints) if spec.endpoints else (url, key_env)
+        backend = self._backends.get(identity)
         if backend is not None:
             return backend
         api_key = None  # the default variable: the backend reads it (and needs it for api.openai.com only)
-        if spec.api_key_env:
+        if spec.api_key_env and not spec.endpoints:  # a fleet's entries already name their variables
             api_key = os.environ.get(spec.api_key_env)
             if not api_key:
                 raise SptiError(
@@ -175,15 +177,16 @@ class Models:
                 )
         if self._cache is None and self.request_cache_path is not None:
             self._cache = RequestCache(self.request_cache_path)  # keys include the endpoint: one file serves all
+        where: dict[str, Any] = {"endpoints": list(spec.endpoints)} if spec.endpoints else {"base_url": url}
         backend = OpenAIBackend(
-            base_url=url,
+            **where,
             api_key=api_key,
             cache=self._cache,
             max_concurrency=self.cfg.concurrency,
             requests_per_minute=self.cfg.requests_per_minute,
             tokens_per_minute=self.cfg.tokens_per_minute,
         )
-        self._backends[(url, key_env)] = backend
+        self._backends[identity] = backend
         return backend
 
     @property

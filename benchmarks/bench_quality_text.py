@@ -494,7 +494,7 @@ def prefix_cached_generator(model_path: str, *, batch_size: int, prefix_cache: b
         ) -> list[str | None]:
             import torch
 
-            from spti.backends.local.text import _batch_seed, _seeded
+            from spti.backends.local.text import batch_seed, seeded_generation
 
             texts = [self.render(c) for c in conversations]
             tok = self.tokenizer
@@ -530,7 +530,8 @@ def prefix_cached_generator(model_path: str, *, batch_size: int, prefix_cache: b
                 cache = copy.deepcopy(base)
                 cache.batch_repeat_interleave(len(idx))
                 input_ids = torch.tensor(rows, device=self.device)
-                with _seeded(None if seed is None else _batch_seed(seed, b), self.device), torch.inference_mode():
+                batch = None if seed is None else batch_seed(seed, b)
+                with seeded_generation(batch, self.device), torch.inference_mode():
                     out = self.model.generate(
                         input_ids=input_ids,
                         attention_mask=torch.tensor(mask, device=self.device),

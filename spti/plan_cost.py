@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from spti.backends.openai.usage import ModelPrice, PriceTable, _price_for, load_price_table, price_model_usage
+from spti.backends.openai.usage import ModelPrice, PriceTable, load_price_table, price_for, price_model_usage
 from spti.config import ROLE_FIELDS, RunConfig
 from spti.errors import SptiError
 
@@ -62,7 +62,7 @@ def price_at(table: PriceTable, url: str, model: str) -> tuple[ModelPrice | None
     if model in own:
         return own[model], "endpoint price"
     if is_hosted(url):
-        price = _price_for(model, table.models)
+        price = price_for(model, table.models)
         return price, "list price" if price is not None else "price unknown"
     return ModelPrice(0.0), "self-served: 0 unless priced"
 

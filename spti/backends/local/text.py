@@ -86,13 +86,13 @@ def _clean(text: str) -> str | None:
     return text or None
 
 
-def _batch_seed(seed: int, batch_index: int) -> int:
+def batch_seed(seed: int, batch_index: int) -> int:
     """Independent, reproducible seeds per batch, so batch *b* does not depend on how many came before."""
     return int(np.random.SeedSequence([seed, batch_index]).generate_state(1, dtype=np.uint64)[0] % (2**63))
 
 
 @contextmanager
-def _seeded(seed: int | None, device: str) -> Iterator[None]:
+def seeded_generation(seed: int | None, device: str) -> Iterator[None]:
     """Seed torch for one ``generate`` call and restore the caller's global random state afterwards.
 
     ``transformers`` samples from the global torch generator; forking it keeps the seeded draws local to
@@ -234,7 +234,7 @@ class HFTextGenerator(_LocalModel):
         for b, idx in enumerate(batched(order, self.batch_size)):
             inputs = self._encode([texts[i] for i in idx])
             with (
-                _seeded(None if seed is None else _batch_seed(seed, b), self.device),
+                seeded_generation(None if seed is None else batch_seed(seed, b), self.device),
                 torch.inference_mode(),
             ):
                 out = self.model.generate(

@@ -60,8 +60,8 @@ from spti.backends.openai.usage import (
     ModelPrice,
     RequestFailure,
     _ModelUsage,
-    _price_for,
     _UsageLedger,
+    price_for,
     price_model_usage,
 )
 from spti.backends.request_cache import RequestCache
@@ -308,7 +308,7 @@ class OpenAIBackend:
         cost = 0.0
         unpriced: list[str] = []
         for model, u in sorted(by_model.items()):
-            price = _price_for(model, self.prices)
+            price = price_for(model, self.prices)
             # one pricing rule for every report: an image the server did not meter is priced by its
             # size and quality, or the cost is marked unknown — never a silent 0
             model_cost, known = price_model_usage(model, vars(u), price)

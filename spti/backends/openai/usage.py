@@ -119,7 +119,7 @@ def _shipped_prices() -> dict[str, ModelPrice]:
 DEFAULT_PRICES: dict[str, ModelPrice] = _shipped_prices()
 
 
-def _price_for(model: str, prices: Mapping[str, ModelPrice]) -> ModelPrice | None:
+def price_for(model: str, prices: Mapping[str, ModelPrice]) -> ModelPrice | None:
     """Exact name, else the entry that ``model`` extends with a snapshot date
     (``gpt-4o-mini-2024-07-18`` → ``gpt-4o-mini``); anything else is unpriced, not guessed."""
     if model in prices:

@@ -202,6 +202,25 @@ RayWorkersOpt = Annotated[
 ]
 
 
+# Flags that several commands take, with one help text
+BaseUrlOpt = Annotated[str | None, Opt(help="OpenAI-compatible endpoint (for openai models without @URL).")]
+BatchSizeOpt = Annotated[int | None, Opt(help="Batch size of local models.", min=1)]
+DeviceOpt = Annotated[str | None, Opt(help="auto | cpu | cuda | cuda:N | mps.")]
+DomainOpt = Annotated[str | None, Opt(help="Prompt set: generic | faces | bedrooms | PATH.")]
+EmbeddingModelOpt = Annotated[str | None, Opt(help=f"Text embedding model: {SPEC}.")]
+ImageModelOpt = Annotated[str | None, Opt(help=f"Text-to-image model: {SPEC}.")]
+IterationsOpt = Annotated[int | None, Opt(help="PE rounds (noisy releases).", min=1)]
+LlmModelOpt = Annotated[str | None, Opt(help=f"Chat model: {SPEC}.")]
+NumSamplesOpt = Annotated[int | None, Opt(help="Synthetic images to release.", min=1)]
+PrivacyUnitOpt = Annotated[str | None, Opt(help="image | folder.")]
+ProviderOpt = Annotated[str | None, Opt(help="local | openai (for models named bare).")]
+SeedOpt = Annotated[int | None, Opt(help="Seed of the public randomness (never of the DP noise).")]
+UpscaleOpt = Annotated[int | None, Opt(help="Upscaling factor: 1, 2 or 4.")]
+UpscalerModelOpt = Annotated[str | None, Opt(help="Real-ESRGAN weights file, or x4 upscaler model id.")]
+UpscalerOpt = Annotated[str | None, Opt(help="none | lanczos | realesrgan | sd-x4.")]
+VariationFoldsOpt = Annotated[int | None, Opt(help="Variations per kept description.", min=1)]
+
+
 # cost: `spti plan`, and the gate before a run's first paid request
 DryRunOpt = Annotated[bool, Opt("--dry-run", help="Print the cost plan (requests, tokens, images, cost) and stop.")]
 MaxCostOpt = Annotated[

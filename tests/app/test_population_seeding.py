@@ -146,9 +146,10 @@ def test_seeding_population_auto_and_round_metrics(faces: Path, tmp_path: Path) 
     domain = tomllib.loads((out / "config.toml").read_text()).get("domain", "generic")
     templates = sum(is_attribute_template(t, load_prompt_set(domain)) for t in released)
     said = [w for w in privacy["warnings"] if "attribute template" in w]
-    # How many there are depends on the noisy votes and on how many attributes the noisy seeding asked
-    # for (a prompt that asks for none falls back to the bare subject, not a template); the count in the
-    # warning must match the release either way. tests/app/test_release_warnings.py pins the counting.
+    # How many there are depends on the noisy selection: the random API's fallbacks are templates, but
+    # the tiny LLM's variations of them that pass the junk checks are not, and at this size the votes
+    # are mostly noise (CI once released none). The warning must match the release either way;
+    # tests/app/test_release_warnings.py pins the counting on fixed texts.
     assert privacy["attribute_templates_in_release"] == templates
     if templates:
         assert len(said) == 1 and said[0].startswith(f"{templates} of {len(released)} released descriptions")

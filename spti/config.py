@@ -12,159 +12,43 @@ import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import urlsplit
+from typing import TYPE_CHECKING, Any
 
 from spti.errors import SptiError
+from spti.model_roles import (
+    FIELD_ROLES,
+    LOCAL_ONLY_ROLES,
+    ROLE_FIELDS,
+    ROUTE_KEYS,
+    ModelSpec,
+    checked_spec,
+    fleet_of,
+    model_spec_with,
+    parse_model_spec,
+    read_model_tables,
+    role_label,
+)
+from spti.presets import PRESET_VALUES, PRESETS, Preset
 
 if TYPE_CHECKING:
     from spti.backends.openai.endpoints import Endpoint
 
-Preset = Literal["smoke", "quick", "paper", "openai", "hybrid"]
-PRESETS: tuple[str, ...] = ("smoke", "quick", "paper", "openai", "hybrid")
-
-
-# --------------------------------------------------------------------------------------------
-# Model roles: each names its own provider, model, endpoint and key variable
-# --------------------------------------------------------------------------------------------
-# role -> the RunConfig field holding its model (TOML table [models.<role>], CLI flag --<field>)
-ROLE_FIELDS: dict[str, str] = {
-    "caption": "caption_model",  # sees private images
-    "llm": "llm_model",  # random / variation API: public text only
-    "text_embedding": "embedding_model",  # text voting: sees private captions
-    "image": "image_model",  # the vote generator (and by default the release one): public text only
-    "release_image": "release_model",  # the generator of released images (default: image)
-    "upscaler": "upscaler_model",  # local only
-    "image_features": "image_embedder",  # local only: private images never leave the machine here
-}
-FIELD_ROLES: dict[str, str] = {v: k for k, v in ROLE_FIELDS.items()}
-PROVIDERS: tuple[str, ...] = ("local", "openai")
-LOCAL_ONLY_ROLES = frozenset({"upscaler", "image_features"})
-TABLE_KEYS = ("provider", "model", "base_url", "api_key_env", "endpoints")
-# the keys of a role's route: where its requests go (the model name stays in the role's field)
-ROUTE_KEYS = ("provider", "base_url", "api_key_env", "endpoints")
-_FLAGS = {
-    "caption_model": "--caption-model",
-    "llm_model": "--llm-model",
-    "embedding_model": "--embedding-model",
-    "image_model": "--image-model",
-    "release_model": "--release-model",
-    "upscaler_model": "--upscaler-model",
-    "image_embedder": "--image-embedder",
-}
-# names people reach for that are servers or libraries, not providers: say what to write instead
-_NOT_PROVIDERS = frozenset(
-    {"vllm", "ollama", "llamacpp", "llama.cpp", "llama-cpp", "lmstudio", "litellm", "azure", "tgi", "sglang"}
-    | {"hf", "huggingface", "transformers", "diffusers", "sentence-transformers", "gguf"}
-)
-_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-_URL_AT = re.compile(r"@(?=https?://)", re.IGNORECASE)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """One model role resolved: who serves it, which model, where, and which variable holds the key.
-
-    ``base_url`` is the role's own endpoint (``None``: the run's ``base_url``, else
-    ``$OPENAI_BASE_URL``, else the OpenAI API); ``api_key_env`` the name of the environment variable
-    with its API key (``None``: ``OPENAI_API_KEY``). Never the key itself. ``endpoints``: a fleet
-    from the role's ``endpoints = [...]`` table, each with its own key variable and limits
-    (``Endpoint`` of :mod:`spti.backends.openai.endpoints`; ``base_url`` is then ``None``).
-    """
-
-    role: str
-    provider: str
-    model: str
-    base_url: str | None = None
-    api_key_env: str | None = None
-    endpoints: tuple[Endpoint, ...] = ()
-
-    @property
-    def where(self) -> str | None:
-        """The role's own server root(s), comma-joined for a fleet; ``None``: the run's."""
-        return ",".join(e.base_url for e in self.endpoints) if self.endpoints else self.base_url
-
-    def __str__(self) -> str:
-        return f"{self.provider}:{self.model}" + (f"@{self.where}" if self.where else "")
-
-
-def _role_label(role: str) -> str:
-    field_name = ROLE_FIELDS[role]
-    return f"{_FLAGS[field_name]} / [models.{role}]"
-
-
-def parse_model_spec(text: Any, *, where: str = "model") -> tuple[str | None, str, str | None]:
-    """``[provider:]model[@base_url]`` -> (provider or None, model, base_url or None).
-
-    The prefix is a provider only when it is one (``local`` or ``openai``), so ``llama3:8b`` (an
-    Ollama tag), ``repo:file.gguf`` and ``clip:ID`` stay model names; ``@`` starts the endpoint only
-    when an http(s) URL follows. ``where`` names the flag or table in error messages.
-    """
-    if not isinstance(text, str) or not text.strip():
-        raise SptiError(f"invalid setting: {where}: give a model name, e.g. openai:gpt-4o-mini or local:MODEL_ID")
-    text = text.strip()
-    base_url = None
-    found = _URL_AT.search(text)
-    if found:
-        text, base_url = text[: found.start()], text[found.end() :]
-    elif "@" in text and re.search(r"@[^@]*[:/.]", text):
-        raise SptiError(
-            f"invalid setting: {where} {text!r}: the endpoint after '@' must be an http(s) URL, "
-            "e.g. openai:MODEL@http://gpu1:8000/v1"
-        )
-    provider = None
-    head, sep, rest = text.partition(":")
-    if sep and head.lower() in PROVIDERS:
-        provider, text = head.lower(), rest
-    elif sep and head.lower() in _NOT_PROVIDERS:
-        raise SptiError(
-            f"invalid setting: {where} {text!r}: {head!r} is not a provider; write openai:MODEL@URL for any "
-            "OpenAI-compatible server (vLLM, llama.cpp, Ollama), or local:MODEL for this machine"
-        )
-    if not text:
-        raise SptiError(f"invalid setting: {where}: no model after {head + ':'!r}, e.g. {head}:MODEL_ID")
-    return provider, text, None if base_url is None else checked_base_url(base_url, where=where)
-
-
-def checked_base_url(url: str, *, where: str) -> str:
-    """An endpoint such as ``http://gpu1:8000/v1`` (trailing ``/`` dropped), or one clear error."""
-    parts = urlsplit(url)
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        raise SptiError(f"invalid setting: {where}: {url!r} is not an http(s) URL such as http://gpu1:8000/v1")
-    return url.rstrip("/")
-
-
-def _checked_spec(spec: ModelSpec, where: str) -> ModelSpec:
-    if spec.provider not in PROVIDERS:
-        raise SptiError(f"invalid setting: {where}: provider {spec.provider!r}; use one of {', '.join(PROVIDERS)}")
-    if spec.role in LOCAL_ONLY_ROLES and spec.provider != "local":
-        raise SptiError(
-            f"invalid setting: {where}: {spec.role} runs locally only (no OpenAI-compatible API for it); "
-            f"drop 'openai:' and name a local model"
-        )
-    if spec.provider == "local" and spec.where:
-        raise SptiError(
-            f"invalid setting: {where}: a local model has no endpoint ({spec.where}); "
-            f"write openai:{spec.model}@{spec.where} for a model served over the OpenAI protocol"
-        )
-    if spec.api_key_env is not None:
-        if spec.provider == "local":
-            raise SptiError(f"invalid setting: {where}: api_key_env is for openai models; a local model needs no key")
-        if spec.api_key_env.startswith("sk-") or not _ENV_NAME.fullmatch(spec.api_key_env):
-            raise SptiError(
-                f"invalid setting: {where}: api_key_env must name the environment variable that holds the key "
-                "(e.g. OPENAI_API_KEY), never the key itself"
-            )
-    return spec
-
-
-def model_spec_with(cfg: RunConfig, field_name: str, value: Any) -> ModelSpec:
-    """The spec ``field_name`` (a role's model field) would give its role if set to ``value`` (a flag):
-    the value names the role whole, so a bare name takes the run's provider."""
-    role = FIELD_ROLES[field_name]
-    probe = dataclasses.replace(cfg, models={k: v for k, v in cfg.models.items() if k != role})
-    setattr(probe, field_name, value)
-    return probe.model_spec(role)
+# re-exported: callers import the run's roles and presets from here
+__all__ = [
+    "FIELD_NAMES",
+    "FIELD_ROLES",
+    "PRESETS",
+    "PRESET_VALUES",
+    "ROLE_FIELDS",
+    "ModelSpec",
+    "Preset",
+    "RunConfig",
+    "config_from_saved",
+    "load_toml",
+    "model_spec_with",
+    "parse_model_spec",
+    "resolve_config",
+]
 
 
 @dataclass
@@ -301,19 +185,19 @@ class RunConfig:
             return dataclasses.replace(self.model_spec("image"), role=role)
         if value is None:
             return ModelSpec(role, "local", self.upscaler if role == "upscaler" else "")
-        where = _role_label(role)
+        where = role_label(role)
         provider, model, base_url = parse_model_spec(value, where=where)
         route = self.models.get(role, {})
         api_key_env = route.get("api_key_env")
         endpoints: tuple[Endpoint, ...] = ()
         if provider is None and base_url is None:  # a bare name: the route saved or given for the role
             provider, base_url = route.get("provider"), route.get("base_url")
-            endpoints = _fleet(route, where=f"[models.{role}]")
+            endpoints = fleet_of(route, where=f"[models.{role}]")
         if provider is None and (base_url is not None or endpoints):  # only openai models have an endpoint
             provider = "openai"
         if provider is None:
             provider = "local" if model == "tiny" or role in LOCAL_ONLY_ROLES else self.provider
-        return _checked_spec(ModelSpec(role, provider, model, base_url, api_key_env, endpoints), where)
+        return checked_spec(ModelSpec(role, provider, model, base_url, api_key_env, endpoints), where)
 
     def endpoint_base_url(self, spec: ModelSpec) -> str | None:
         """The base URL(s) an openai role talks to: its own (comma-joined for a fleet), else the run's
@@ -490,198 +374,7 @@ def _toml_value(value: Any) -> str:
     return repr(value)
 
 
-# Preset defaults: smaller for quick, the published settings for paper, hosted models for openai.
-PRESET_VALUES: dict[str, dict[str, Any]] = {
-    "smoke": dict(
-        num_samples=8,
-        iterations=2,
-        population_size=8,
-        variation_folds=2,
-        strength=[0.5],
-        min_words=4,
-        max_words=24,
-        caption_max_tokens=12,
-        render_size=32,
-        voting_size=32,
-        steps=1,
-        upscaler="lanczos",
-        upscale=2,
-        batch_size=16,
-        caption_model="tiny",
-        llm_model="tiny",
-        embedding_model="tiny",
-        image_model="tiny",
-        image_embedder="wavelet",
-        word_count_std=1.0,
-    ),
-    "quick": dict(
-        num_samples=100,
-        iterations=5,
-        population_size=200,
-        variation_folds=4,
-        strength=[0.5],
-        caption_model="HuggingFaceTB/SmolVLM-256M-Instruct",
-        llm_model="HuggingFaceTB/SmolLM2-360M-Instruct",
-        embedding_model="sentence-transformers/all-MiniLM-L6-v2",
-        image_model="stabilityai/sd-turbo",
-        image_embedder="wavelet",
-        render_size=512,
-        voting_size=256,
-        upscaler="lanczos",
-        upscale=4,
-    ),
-    "paper": dict(
-        iterations=10,  # running.total_iterations: 10, textpe/configs/ordinary.yaml (DPITI, singleprocess)
-        population_size=2000,  # running.num_samples: 2000, same file
-        variation_folds=6,  # running.next_variation_api_fold: 6, same file
-        strength=[0.5],  # running.blank_probabilities: 0.5, same file
-        # the authors' variation: σ_w = 36, at least 25 words, no word cap (DPITI textpe/run_pe_fill_in_the_blanks.py)
-        word_count_std=36.0,
-        min_words=25,
-        max_words=None,
-        rephrase_fraction=0.0,
-        caption_model="Qwen/Qwen2.5-VL-7B-Instruct",
-        llm_model="meta-llama/Meta-Llama-3-8B-Instruct",
-        embedding_model="sentence-transformers/sentence-t5-base",
-        # Image voting as the authors run it. Sources: github.com/MarkGodrick/DPITI, branch singleprocess
-        # (their newest code) unless noted; DPSDA = github.com/microsoft/DPSDA, the PE library they call.
-        voting="image",  # run_pe_fill_in_the_blanks.py --voting default "image" (ImageVotingNN)
-        # selection, keep-selected: PEPopulation(keep_selected=True, selection_mode="rank") there
-        selection="rank",
-        k=1,  # ImageVotingNN(num_nearest_neighbors=1) default, textpe/utils/histogram.py
-        threshold=0.0,  # PEPopulation's histogram_threshold left at None: no clipping (DPSDA pe_population.py)
-        lookahead=0,  # running.lookahead_degree: 0, textpe/configs/ordinary.yaml and voting.yaml
-        image_model="stabilityai/sdxl-turbo",  # embedding.huggingface.model, textpe/configs/ordinary.yaml
-        # hfpipe_embedding calls the SDXL pipeline with no size: SDXL-Turbo's own 512², textpe/utils/embedding.py
-        vote_render_size="native",
-        steps=4,  # num_inference_steps=4, textpe/utils/embedding.py (and textpe/config.json on main)
-        guidance=0.0,  # guidance_scale=0.0, same places
-        vote_seeds=1,  # one render per candidate, same place
-        # renders shrunk by PIL bicubic to 256² before Inception (make_resizer(..., output_size=(256, 256)))
-        # and the private side Resize(256)+CenterCrop(256) (textpe/utils/dataset.py, run_pe_image.py on main)
-        voting_size=256,
-        # clean-fid's InceptionV3W, 2048-d pool features, textpe/utils/embedding.py; needs inception:PATH
-        image_embedder="inception",
-        # The release: their README (main) scores "10,000+ 1024x1024 images generated by
-        # stabilityai/stable-diffusion-xl-base-1.0"; SDXL-base at its native 1024². run_stable_diff.py
-        # hard-codes SDXL-Turbo's 4 steps / guidance 0, which do not suit SDXL-base: its family default here.
-        release_model="stabilityai/stable-diffusion-xl-base-1.0",
-        render_size=1024,
-        release_steps=None,
-        release_guidance=None,
-        # run_stable_diff.py renders every selected text (variation fold -1: population_size of them)
-        num_samples=2000,
-        # no super-resolution step in their code: the released images are SDXL-base's 1024² as drawn
-        upscaler="none",
-        upscale=1,
-        batch_size=32,
-    ),
-    "openai": dict(
-        provider="openai",
-        num_samples=100,
-        iterations=5,
-        population_size=200,
-        variation_folds=4,
-        caption_model="gpt-4o-mini",
-        llm_model="gpt-4o-mini",
-        embedding_model="text-embedding-3-small",
-        image_model="gpt-image-1",
-        image_embedder="wavelet",
-        voting="text",
-        render_size=1024,
-        voting_size=256,
-        upscaler="none",
-        upscale=1,
-        concurrency=32,
-    ),
-    # Each role where the SPTI authors ran it: a hosted captioner, a self-served LLM over the
-    # OpenAI protocol, a local GPU renderer and a local text embedder. Only the captioner sees
-    # private data off the machine (the CLI says so first; privacy.json names the endpoint).
-    "hybrid": dict(
-        # private images go to OpenAI, one per request (key: $OPENAI_API_KEY)
-        caption_model="openai:gpt-4o-mini",
-        # public text only: `vllm serve meta-llama/Meta-Llama-3-8B-Instruct --port 8000` on this machine
-        llm_model="openai:meta-llama/Meta-Llama-3-8B-Instruct@http://localhost:8000/v1",
-        # text voting in a local sentence space: the private captions stay here (the authors' sentence-t5)
-        voting="text",
-        embedding_model="local:sentence-transformers/sentence-t5-base",
-        # the authors' renderer on the local GPU: SDXL-Turbo at its native 512², 4 steps, no guidance
-        image_model="local:stabilityai/sdxl-turbo",
-        steps=4,
-        guidance=0.0,
-        render_size=512,
-        voting_size=256,
-        image_embedder="wavelet",
-        # the authors' variation (σ_w = 36, at least 25 words, no cap), at the quick preset's scale
-        word_count_std=36.0,
-        min_words=25,
-        max_words=None,
-        num_samples=100,
-        iterations=5,
-        population_size=200,
-        variation_folds=4,
-        upscaler="lanczos",
-        upscale=2,
-        concurrency=32,
-    ),
-}
-
 FIELD_NAMES = frozenset(f.name for f in fields(RunConfig))
-
-
-def _fleet(table: dict[str, Any], *, where: str) -> tuple[Endpoint, ...]:
-    """The endpoints of a role's ``endpoints = [...]`` list (none without one): each entry checked,
-    and given the role's ``api_key_env`` where it names no key variable of its own."""
-    if "endpoints" not in table:
-        return ()
-    from spti.backends.openai.endpoints import parse_endpoints
-
-    try:
-        return tuple(
-            parse_endpoints(
-                table.get("base_url"), endpoints=table["endpoints"], api_key_env=table.get("api_key_env"), where=where
-            )
-        )
-    except SptiError as exc:
-        message = str(exc)
-        raise SptiError(message if where in message else f"invalid setting: {where}: {message}") from None
-
-
-def _read_model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
-    """``[models.<role>]`` tables (``provider``, ``model``, ``base_url``, ``api_key_env``), checked."""
-    out: dict[str, dict[str, Any]] = {}
-    for role, table in tables.items():
-        label = f"{where}: [models.{role}]"
-        if role not in ROLE_FIELDS:
-            raise SptiError(f"{label}: unknown role; use one of {', '.join(ROLE_FIELDS)}")
-        if not isinstance(table, dict):
-            raise SptiError(f'{label}: must be a table, e.g. [models.{role}] provider = "openai" model = "..."')
-        table = {k.replace("-", "_"): v for k, v in table.items()}
-        unknown = sorted(set(table) - set(TABLE_KEYS))
-        if any("key" in k for k in unknown):
-            raise SptiError(f"{label}: never write an API key in a file; name its variable with api_key_env")
-        if unknown:
-            raise SptiError(f"{label}: unknown key(s) {', '.join(unknown)}; use {', '.join(TABLE_KEYS)}")
-        for key, value in table.items():
-            if not isinstance(value, str) and key != "endpoints":
-                raise SptiError(f"{label}: {key} must be a string")
-        if "model" not in table:
-            raise SptiError(f'{label}: needs model = "..." (the model the role uses)')
-        spec_provider, model, url = parse_model_spec(table["model"], where=label)
-        if spec_provider is not None or url is not None:
-            raise SptiError(f"{label}: model names the model only; put the provider and endpoint in provider, base_url")
-        base_url = table.get("base_url")
-        if base_url is not None:
-            base_url = table["base_url"] = checked_base_url(base_url, where=f"{label} base_url")
-        endpoints = ()
-        if "endpoints" in table:
-            endpoints = _fleet(table, where=label)
-            table["endpoints"] = [e.as_table() for e in endpoints]
-        provider = table.get("provider") or ("openai" if base_url or endpoints else None)
-        if provider is not None:  # else the run's provider, checked with the run's settings
-            _checked_spec(ModelSpec(role, provider, model, base_url, table.get("api_key_env"), endpoints), label)
-        out[role] = table
-    return out
 
 
 # what a TOML value of each annotation may be: (description, check)
@@ -747,7 +440,7 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     for key, value in values.items():
         _check_type(key, value, f"config file {path}")
     if tables:
-        values["models"] = _read_model_tables(tables, f"config file {path}")
+        values["models"] = read_model_tables(tables, f"config file {path}")
     for role, table in values.get("models", {}).items():
         field_name = ROLE_FIELDS[role]
         if field_name in values:

@@ -1,7 +1,8 @@
 """Run configuration: presets, a TOML file, command-line flags (in rising precedence), validation.
 
 The resolved configuration is saved in the run directory (``config.toml``) so that a run can be
-inspected, reproduced and resumed with exactly the settings it started with.
+inspected, reproduced and resumed with exactly the settings it started with. The model roles and
+their TOML tables live in :mod:`spti.model_roles`, the presets in :mod:`spti.presets`.
 """
 
 from __future__ import annotations

@@ -292,23 +292,19 @@ COMMAND_PARAMETERS = frozenset(
 
 def settings_from(params: dict[str, Any]) -> dict[str, object]:
     """The config overrides among a command's parameters (its ``locals()``, taken first): every flag
-    named like a RunConfig setting and set on the command line, parsed. One mapping for every command,
-    so a new flag cannot be forgotten in one of them (tests/app/test_cli_help.py checks the names)."""
+    named like a RunConfig setting and set on the command line (None: not given), with ε, δ and the
+    strength list parsed from their text. One mapping for every command, so a new flag cannot be
+    forgotten in one of them (tests/app/test_cli_help.py checks the names)."""
     from spti.config import FIELD_NAMES
 
     # --preset is resolved as the base of the settings, not as an override of them
-    return config_overrides(**{k: v for k, v in params.items() if k in FIELD_NAMES and k != "preset"})
-
-
-def config_overrides(**flags: object) -> dict[str, object]:
-    """Flags left unset (None) are dropped; ε, δ and the strength list are parsed from their text."""
-    out = {k: v for k, v in flags.items() if v is not None}
+    out = {k: v for k, v in params.items() if k in FIELD_NAMES and k != "preset" and v is not None}
     if "epsilon" in out:
         out["epsilon"] = parse_epsilon(str(out["epsilon"]))
-    if "delta" in out:
-        out["delta"] = None if out["delta"] in ("auto", "default") else parse_delta(str(out["delta"]))
-        if out["delta"] is None:
-            del out["delta"]
+    if out.get("delta") in ("auto", "default"):
+        del out["delta"]
+    elif "delta" in out:
+        out["delta"] = parse_delta(str(out["delta"]))
     if "strength" in out:
         out["strength"] = [float(x) for x in str(out["strength"]).split(",")]
     return out

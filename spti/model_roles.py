@@ -206,9 +206,8 @@ def read_model_tables(tables: Any, where: str) -> dict[str, dict[str, Any]]:
         base_url = table.get("base_url")
         if base_url is not None:
             base_url = table["base_url"] = checked_base_url(base_url, where=f"{label} base_url")
-        endpoints = ()
-        if "endpoints" in table:
-            endpoints = fleet_of(table, where=label)
+        endpoints = fleet_of(table, where=label)
+        if endpoints:
             table["endpoints"] = [e.as_table() for e in endpoints]
         provider = table.get("provider") or ("openai" if base_url or endpoints else None)
         if provider is not None:  # else the run's provider, checked with the run's settings

@@ -257,10 +257,13 @@ def inspect_released_texts(texts: Sequence[str], cfg: RunConfig) -> ReleasedText
 
 def _junk_in_release(texts: Sequence[str], cfg: RunConfig) -> dict[str, int]:
     from spti.llm_answers import junk_reason
+    from spti.pipeline import variation_settings
 
+    # the generator's own word floor, so the release is checked by the rule its answers passed
+    min_words = variation_settings(cfg).junk_min_words
     counts: dict[str, int] = {}
     for text in texts:
-        reason = junk_reason(text, min_words=max(1, cfg.min_words // 2))
+        reason = junk_reason(text, min_words=min_words)
         if reason is not None:
             counts[reason] = counts.get(reason, 0) + 1
     return counts
